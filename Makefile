@@ -1,0 +1,41 @@
+# `make serve` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 5001
+THREADS ?= 4
+SOURCES := $(wildcard mixtral_endpoint/*.py) $(wildcard schemas/*.json)
+
+.PHONY: install model serve test lint sample-response clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -r requirements-dev.txt -e .
+	touch $@
+
+# The embedded tiny Mixtral, packaged as an MLflow model (rebuilt when the package changes).
+model: model/MLmodel
+
+model/MLmodel: $(VENV)/.installed $(SOURCES)
+	$(BIN)/mixtral-endpoint build-model --out model
+
+# Azure mounts a registered model at azureml-models/<name>/<version>; serve it the same way.
+serve: model
+	mkdir -p .azureml-models/mixtral-8x7b && ln -sfn ../../model .azureml-models/mixtral-8x7b/1
+	AZUREML_MODEL_DIR=.azureml-models/mixtral-8x7b/1 GUNICORN_CMD_ARGS="--threads $(THREADS)" \
+	  $(BIN)/azmlinfsrv --entry_script score.py --port $(PORT)
+
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest
+
+sample-response: model
+	$(BIN)/mixtral-endpoint sample-response --model model --request sample-request.json --out sample-response.json
+
+clean:
+	rm -rf model/* .azureml-models

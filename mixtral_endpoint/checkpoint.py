@@ -1,0 +1,133 @@
+"""A Hugging Face Mixtral checkpoint directory: what it must hold, and how big it is.
+
+Sizes come from the config and the safetensors headers alone, so checking a 93 GB checkpoint
+reads a few kilobytes. Safetensors only: nothing here loads pickle or remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILE = "tokenizer.model"
+
+# mistralai/Mixtral-8x7B-v0.1 config.json: every decision about real scale starts here.
+MIXTRAL_8X7B_CONFIG: dict[str, Any] = {
+    "architectures": ["MixtralForCausalLM"],
+    "model_type": "mixtral",
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1e6,
+    "sliding_window": None,
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "silu",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+TARGET_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    config: dict[str, Any]
+    shards: tuple[Path, ...]
+    parameters: int  # total number of weights
+    stored_bytes: int  # bytes of tensor data in the shards
+
+    @property
+    def context_window(self) -> int:
+        return int(self.config["max_position_embeddings"])
+
+    def bytes_as(self, dtype: str) -> int:
+        return self.parameters * TARGET_BYTES[dtype]
+
+
+def inspect_checkpoint(path: Path) -> Checkpoint:
+    """Checks a checkpoint directory without loading weights; each problem names its file."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    config = _read_json(path / "config.json")
+    if config.get("model_type") != "mixtral":
+        raise CheckpointError(f"{path / 'config.json'}: model_type is {config.get('model_type')!r}, not 'mixtral'")
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
+        raise CheckpointError(f"{path} holds pickle weights (*.bin/*.pt); only safetensors are loaded")
+    index = _read_json(path / INDEX_FILE)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path / INDEX_FILE}: no weight_map")
+    shards = tuple(path / name for name in sorted(set(weight_map.values())))
+    parameters = stored = 0
+    for shard in shards:
+        if not shard.is_file():
+            raise CheckpointError(f"{shard} is named in {INDEX_FILE} but does not exist")
+        for name, (count, nbytes) in _tensor_sizes(shard).items():
+            if weight_map.get(name) != shard.name:
+                raise CheckpointError(f"{shard}: tensor {name} is not mapped to this shard in {INDEX_FILE}")
+            parameters += count
+            stored += nbytes
+    if not (path / TOKENIZER_FILE).is_file():
+        raise CheckpointError(f"{path / TOKENIZER_FILE} is missing (Mixtral's SentencePiece tokenizer)")
+    return Checkpoint(path=path, config=config, shards=shards, parameters=parameters, stored_bytes=stored)
+
+
+def _tensor_sizes(shard: Path) -> dict[str, tuple[int, int]]:
+    """name -> (element count, byte count), from the safetensors header; checks the file's length."""
+    size = shard.stat().st_size
+    with shard.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{shard} is truncated: no safetensors header")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(_MAX_HEADER, size - 8):
+            raise CheckpointError(f"{shard} is truncated or not safetensors: header of {header_len} bytes")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError:
+            raise CheckpointError(f"{shard}: the safetensors header is not valid JSON") from None
+    sizes: dict[str, tuple[int, int]] = {}
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        count = 1
+        for dim in info["shape"]:
+            count *= dim
+        begin, stop = info["data_offsets"]
+        if stop - begin != count * DTYPE_BYTES.get(info["dtype"], 0):
+            raise CheckpointError(f"{shard}: tensor {name} has a {info['dtype']} size that does not match its shape")
+        sizes[name] = (count, stop - begin)
+        end = max(end, stop)
+    if size < 8 + header_len + end:
+        raise CheckpointError(f"{shard} is truncated: {size} bytes, the header says {8 + header_len + end}")
+    return sizes
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return data

@@ -1,0 +1,84 @@
+"""`mixtral-endpoint`: build the tiny model, package a checkpoint, regenerate the sample response."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import CheckpointError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mixtral-endpoint", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tiny = commands.add_parser("build-tiny", help="write the embedded tiny Mixtral checkpoint")
+    tiny.add_argument("--out", type=Path, required=True)
+
+    package = commands.add_parser("package", help="package a Mixtral checkpoint directory as an MLflow model")
+    package.add_argument("--checkpoint", type=Path, required=True)
+    package.add_argument("--out", type=Path, default=Path("model"))
+
+    build = commands.add_parser("build-model", help="build the tiny Mixtral and package it into --out")
+    build.add_argument("--out", type=Path, default=Path("model"))
+
+    sample = commands.add_parser("sample-response", help="score a request file with the model, write the answer")
+    sample.add_argument("--model", type=Path, default=Path("model"))
+    sample.add_argument("--request", type=Path, default=Path("sample-request.json"))
+    sample.add_argument("--out", type=Path, default=Path("sample-response.json"))
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _build_tiny(args: argparse.Namespace) -> int:
+    from .tiny import build_tiny
+
+    print(build_tiny(args.out))
+    return 0
+
+
+def _package(args: argparse.Namespace) -> int:
+    from .packaging import package_model
+
+    print(package_model(args.checkpoint, args.out))
+    return 0
+
+
+def _build_model(args: argparse.Namespace) -> int:
+    from .packaging import package_model
+    from .tiny import build_tiny
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print(package_model(build_tiny(Path(tmp) / "tiny-mixtral"), args.out))
+    return 0
+
+
+def _sample_response(args: argparse.Namespace) -> int:
+    from .config import ServerConfig
+    from .pyfunc import CHECKPOINT_ARTIFACT
+    from .service import Scorer
+
+    scorer = Scorer.load(args.model / "artifacts" / CHECKPOINT_ARTIFACT, ServerConfig.from_env(os.environ))
+    response = scorer.score(json.loads(args.request.read_text()))
+    args.out.write_text(json.dumps(response, indent=2, ensure_ascii=False) + "\n")
+    print(args.out)
+    return 0
+
+
+_COMMANDS = {
+    "build-tiny": _build_tiny,
+    "package": _package,
+    "build-model": _build_model,
+    "sample-response": _sample_response,
+}

@@ -1,0 +1,70 @@
+"""Server settings: one typed object, built explicitly from the environment in init()."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+from .protocol import RequestLimits
+
+PREFIX = "MIXTRAL_"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    # Weights and placement.
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU; or bfloat16 / float16 / float32
+    device_map: str = "auto"  # accelerate placement over every visible GPU; "cpu" forces the CPU
+    max_gpu_memory: str = ""  # per-GPU cap for accelerate, e.g. "75GiB"; empty: what the GPU has
+    max_cpu_memory: str = ""  # cap for weights offloaded to CPU RAM; empty: no CPU offload on GPU hosts
+    offload_folder: str = ""  # disk offload for weights that fit nowhere else; empty: none
+    # Request limits.
+    max_new_tokens: int = 1024  # cap on a request's max_new_tokens
+    default_max_new_tokens: int = 256
+    max_total_tokens: int = 0  # prompt + new tokens; 0: the model's context window
+    max_prompts: int = 8  # text prompts in one request
+    max_body_bytes: int = 1_048_576
+    # Logging.
+    log_prompts: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"{PREFIX}DTYPE must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        for name in ("max_new_tokens", "default_max_new_tokens", "max_prompts", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError(f"{PREFIX}DEFAULT_MAX_NEW_TOKENS ({self.default_max_new_tokens}) is above "
+                             f"{PREFIX}MAX_NEW_TOKENS ({self.max_new_tokens})")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> ServerConfig:
+        """Reads MIXTRAL_<FIELD> variables; unset ones keep their defaults."""
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = environ.get(PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            kind = type(f.default)
+            try:
+                values[f.name] = _parse_bool(raw) if kind is bool else kind(raw)
+            except ValueError:
+                raise ValueError(f"{PREFIX}{f.name.upper()} must be a {kind.__name__}, got {raw!r}") from None
+        return cls(**values)
+
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits(
+            max_new_tokens=self.max_new_tokens,
+            default_max_new_tokens=self.default_max_new_tokens,
+            max_prompts=self.max_prompts,
+        )
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)

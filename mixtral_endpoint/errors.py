@@ -1,0 +1,81 @@
+"""Typed errors and the one table that maps them to HTTP statuses.
+
+The message is for the caller: it names the field, the bound and the value, and never
+carries prompt text or a traceback. The traceback goes to the log.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# code -> HTTP status. The only place a status code is chosen.
+STATUS: dict[str, int] = {
+    "invalid_request": 400,
+    "context_length_exceeded": 400,
+    "payload_too_large": 413,
+    "unsupported_media_type": 415,
+    "overloaded": 429,
+    "internal_error": 500,
+    "model_not_ready": 503,
+}
+
+
+class ScoringError(Exception):
+    """A request that cannot be scored; `code` picks the status from STATUS."""
+
+    code = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.code]
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.param is not None:
+            error["param"] = self.param
+        return {"error": error}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+
+class InvalidRequest(ScoringError):
+    code = "invalid_request"
+
+
+class ContextLengthExceeded(ScoringError):
+    code = "context_length_exceeded"
+
+
+class PayloadTooLarge(ScoringError):
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ScoringError):
+    code = "unsupported_media_type"
+
+
+class Overloaded(ScoringError):
+    code = "overloaded"
+
+
+class ModelNotReady(ScoringError):
+    code = "model_not_ready"
+
+
+class InternalError(ScoringError):
+    code = "internal_error"
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory that cannot be served; the message names the file."""
+
+
+class DoesNotFit(CheckpointError):
+    """The weights need more memory than the machine allows."""

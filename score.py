@@ -1,0 +1,58 @@
+"""Azure ML entry script, served by azmlinfsrv: init() loads model/ once, run() is a thin door.
+
+Everything else (validation, generation, rendering, errors) lives in the Scorer that the MLflow
+and batch doors share.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+import flask
+import mlflow.pyfunc
+from azureml_inference_server_http.api.aml_request import rawhttp
+from azureml_inference_server_http.api.aml_response import AMLResponse
+
+from mixtral_endpoint.errors import InternalError, InvalidRequest, ModelNotReady, PayloadTooLarge, ScoringError
+from mixtral_endpoint.packaging import find_mlmodel
+from mixtral_endpoint.service import Scorer
+
+log = logging.getLogger("mixtral_endpoint.score")
+scorer: Scorer | None = None
+
+
+def init() -> None:
+    global scorer
+    model_dir = find_mlmodel(Path(os.environ.get("AZUREML_MODEL_DIR", "model")))
+    log.info("loading the MLflow model at %s", model_dir)
+    scorer = mlflow.pyfunc.load_model(str(model_dir)).unwrap_python_model().scorer
+
+
+@rawhttp
+def run(request: flask.Request) -> AMLResponse:
+    try:
+        if scorer is None:
+            raise ModelNotReady("the model is still loading; try again shortly", retry_after=30)
+        if request.method != "POST":
+            raise InvalidRequest("POST a JSON request to /score; see sample-request.json")
+        body = _read_body(request, scorer.config.max_body_bytes)
+        return AMLResponse(scorer.score_body(body), 200, json_str=True)
+    except ScoringError as exc:
+        return _error(exc)
+    except Exception:
+        log.exception("unexpected failure while scoring")
+        return _error(InternalError("an unexpected error occurred; the server log has the details"))
+
+
+def _read_body(request: flask.Request, limit: int) -> bytes:
+    # Refuse oversized bodies before reading them; a chunked body is read up to the limit only.
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"the request body is {request.content_length} bytes; at most {limit} are allowed")
+    body = request.stream.read(limit + 1)
+    if len(body) > limit:
+        raise PayloadTooLarge(f"the request body is over {limit} bytes")
+    return body
+
+
+def _error(exc: ScoringError) -> AMLResponse:
+    return AMLResponse(exc.body(), exc.status, exc.headers(), json_str=True, run_function_failed=exc.status >= 500)
