@@ -20,10 +20,7 @@ def package_model(checkpoint_dir: Path, out: Path) -> Path:
     """Saves the MLflow model to `out`, copying the checkpoint in as an artifact."""
     inspect_checkpoint(checkpoint_dir)
     if out.exists():
-        # model/ may be a folder the repository keeps; empty it rather than remove it.
-        for child in out.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-        out.rmdir()
+        shutil.rmtree(out)
     example = json.loads(SAMPLE_REQUEST.read_text())
     mlflow.pyfunc.save_model(
         path=str(out),
