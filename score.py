@@ -9,12 +9,11 @@ import os
 from pathlib import Path
 
 import flask
-import mlflow.pyfunc
 from azureml_inference_server_http.api.aml_request import rawhttp
 from azureml_inference_server_http.api.aml_response import AMLResponse
 
 from mixtral_endpoint.errors import InternalError, InvalidRequest, ModelNotReady, PayloadTooLarge, ScoringError
-from mixtral_endpoint.packaging import find_mlmodel
+from mixtral_endpoint.pyfunc import load_scorer
 from mixtral_endpoint.service import Scorer
 
 log = logging.getLogger("mixtral_endpoint.score")
@@ -23,9 +22,7 @@ scorer: Scorer | None = None
 
 def init() -> None:
     global scorer
-    model_dir = find_mlmodel(Path(os.environ.get("AZUREML_MODEL_DIR", "model")))
-    log.info("loading the MLflow model at %s", model_dir)
-    scorer = mlflow.pyfunc.load_model(str(model_dir)).unwrap_python_model().scorer
+    scorer = load_scorer(Path(os.environ.get("AZUREML_MODEL_DIR", "model")))
 
 
 @rawhttp

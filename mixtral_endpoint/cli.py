@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -65,11 +64,9 @@ def _build_model(args: argparse.Namespace) -> int:
 
 
 def _sample_response(args: argparse.Namespace) -> int:
-    from .config import ServerConfig
-    from .pyfunc import CHECKPOINT_ARTIFACT
-    from .service import Scorer
+    from .pyfunc import load_scorer
 
-    scorer = Scorer.load(args.model / "artifacts" / CHECKPOINT_ARTIFACT, ServerConfig.from_env(os.environ))
+    scorer = load_scorer(args.model)
     response = scorer.score(json.loads(args.request.read_text()))
     args.out.write_text(json.dumps(response, indent=2, ensure_ascii=False) + "\n")
     print(args.out)

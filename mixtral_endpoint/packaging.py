@@ -9,7 +9,6 @@ from pathlib import Path
 import mlflow.pyfunc
 
 from .checkpoint import inspect_checkpoint
-from .errors import CheckpointError
 from .pyfunc import CHECKPOINT_ARTIFACT, signature
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -33,15 +32,3 @@ def package_model(checkpoint_dir: Path, out: Path) -> Path:
     )
     return out
 
-
-def find_mlmodel(root: Path) -> Path:
-    """The MLflow model folder under AZUREML_MODEL_DIR: the folder itself or one folder down."""
-    root = root.resolve()  # MLflow refuses model paths that pass through a symbolic link
-    if (root / "MLmodel").is_file():
-        return root
-    found = sorted(p.parent for p in root.glob("*/MLmodel"))
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise CheckpointError(f"no MLmodel file in {root} or the folders directly under it")
-    raise CheckpointError(f"several MLflow models under {root}: {', '.join(p.name for p in found)}")

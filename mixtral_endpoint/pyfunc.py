@@ -14,7 +14,7 @@ import pandas as pd
 from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
 from .config import ServerConfig
-from .errors import InvalidRequest
+from .errors import CheckpointError, InvalidRequest
 from .protocol import load_schema
 from .service import Scorer
 
@@ -34,6 +34,24 @@ class MixtralModel(mlflow.pyfunc.PythonModel):
         parameters = {k: v for k, v in (params or {}).items() if v is not None}
         return [self.scorer.score({"input_data": {"input_string": item}, "parameters": parameters})
                 for item in input_items(model_input)]
+
+
+def load_scorer(model_dir: Path) -> Scorer:
+    """Loads model/ through MLflow, as every door does, and returns its Scorer."""
+    return mlflow.pyfunc.load_model(str(find_mlmodel(model_dir))).unwrap_python_model().scorer
+
+
+def find_mlmodel(root: Path) -> Path:
+    """The MLflow model folder under AZUREML_MODEL_DIR: the folder itself or one folder down."""
+    root = root.resolve()  # MLflow refuses model paths that pass through a symbolic link
+    if (root / "MLmodel").is_file():
+        return root
+    found = sorted(p.parent for p in root.glob("*/MLmodel"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise CheckpointError(f"no MLmodel file in {root} or the folders directly under it")
+    raise CheckpointError(f"several MLflow models under {root}: {', '.join(p.name for p in found)}")
 
 
 def input_items(model_input: Any) -> list[Any]:

@@ -1,0 +1,124 @@
+"""Shared fixtures: one tiny checkpoint, one MLflow model and one live azmlinfsrv per test session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from mixtral_endpoint.checkpoint import inspect_checkpoint
+from mixtral_endpoint.config import ServerConfig
+from mixtral_endpoint.packaging import package_model
+from mixtral_endpoint.service import Scorer
+from mixtral_endpoint.tiny import build_tiny
+from mixtral_endpoint.tokenizer import PromptTokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+# Small limits so the tests can reach every one of them cheaply.
+SERVER_ENV = {
+    "MIXTRAL_MAX_NEW_TOKENS": "64",
+    "MIXTRAL_DEFAULT_MAX_NEW_TOKENS": "16",
+    "MIXTRAL_MAX_TOTAL_TOKENS": "512",
+    "MIXTRAL_MAX_PROMPTS": "4",
+    "MIXTRAL_MAX_BODY_BYTES": "65536",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("checkpoint") / "tiny-mixtral")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_checkpoint: Path) -> PromptTokenizer:
+    return PromptTokenizer(tiny_checkpoint / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def scorer(tiny_checkpoint: Path) -> Scorer:
+    return Scorer.load(tiny_checkpoint, ServerConfig.from_env(SERVER_ENV))
+
+
+@pytest.fixture(scope="session")
+def engine(scorer: Scorer):  # noqa: ANN201
+    return scorer.engine
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tiny_checkpoint: Path):  # noqa: ANN201
+    return inspect_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def azureml_models(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """AZUREML_MODEL_DIR as Azure mounts it: azureml-models/<name>/<version>/<model folder>."""
+    version_dir = tmp_path_factory.mktemp("azureml-models") / "mixtral-8x7b" / "1"
+    package_model(tiny_checkpoint, version_dir / "model")
+    return version_dir
+
+
+@pytest.fixture(scope="session")
+def mlflow_model(azureml_models: Path) -> Path:
+    return azureml_models / "model"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir: Path, log_path: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    environ = {**os.environ, **SERVER_ENV, **(env or {}), "AZUREML_MODEL_DIR": str(model_dir),
+               "GUNICORN_CMD_ARGS": "--threads 4"}
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        [str(BIN / "azmlinfsrv"), "--entry_script", str(ROOT / "score.py"), "--port", str(port)],
+        cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(process: subprocess.Popen, url: str, timeout: float = 120) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        try:
+            if requests.get(url + "/", timeout=5).ok:
+                return True
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"azmlinfsrv at {url} not ready after {timeout}s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(azureml_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real azmlinfsrv process serving score.py over the tiny model on a free loopback port."""
+    log_path = tmp_path_factory.mktemp("server") / "azmlinfsrv.log"
+    process, url = start_server(azureml_models, log_path)
+    try:
+        if not wait_ready(process, url):
+            pytest.fail(f"azmlinfsrv exited during start-up:\n{log_path.read_text()[-4000:]}")
+        yield url
+    finally:
+        stop(process)

@@ -1,0 +1,114 @@
+"""Engine tier, on the tiny Mixtral: token ids in, token ids and finish reasons out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from mixtral_endpoint.engine import Engine
+from mixtral_endpoint.sampling import SamplingSettings
+from mixtral_endpoint.tokenizer import PromptTokenizer
+
+GREEDY = SamplingSettings(max_new_tokens=24)
+SAMPLED = SamplingSettings(max_new_tokens=24, do_sample=True, temperature=0.9, top_p=0.95, seed=11)
+TEXTS = ["Once upon a time", "The capital of France is", "x", "Ünïcødé ✓ 日本語 and a much longer prompt here"]
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer: PromptTokenizer) -> list[list[int]]:
+    return [tokenizer.encode_text(t) for t in TEXTS]
+
+
+@pytest.fixture
+def eos_forced(engine: Engine) -> Iterator[Engine]:
+    """The same model with EOS made the top token at every step."""
+
+    def push_eos(module: torch.nn.Module, args: object, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits[..., engine.eos_id] += 1e4
+        return logits
+
+    handle = engine.model.lm_head.register_forward_hook(push_eos)
+    yield engine
+    handle.remove()
+
+
+def test_greedy_tokens_match_transformers_generate(engine: Engine, prompts: list[list[int]]):
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        direct = engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=
+                                       GenerationConfig(max_new_tokens=24, do_sample=False, eos_token_id=2,
+                                                        pad_token_id=2))
+        expected = direct[0, len(prompt):].tolist()
+        assert list(engine.generate([prompt], GREEDY)[0].token_ids) == expected
+
+
+def test_batched_and_unbatched_greedy_give_identical_tokens(engine: Engine, prompts: list[list[int]]):
+    batched = engine.generate(prompts, GREEDY)
+    alone = [engine.generate([p], GREEDY)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_seed_reproducibility(engine: Engine, prompts: list[list[int]]):
+    first = engine.generate(prompts, SAMPLED)
+    assert engine.generate(prompts, SAMPLED) == first
+    other = engine.generate(prompts, replace(SAMPLED, seed=12))
+    assert other != first
+
+
+def test_sampling_differs_from_greedy(engine: Engine, prompts: list[list[int]]):
+    assert engine.generate(prompts, SAMPLED) != engine.generate(prompts, GREEDY)
+
+
+def test_top_k_one_sampling_is_greedy(engine: Engine, prompts: list[list[int]]):
+    top1 = replace(SAMPLED, top_k=1, top_p=1.0)
+    assert engine.generate(prompts, top1) == engine.generate(prompts, GREEDY)
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 5, 17])
+def test_max_tokens_respected(engine: Engine, prompts: list[list[int]], max_new_tokens: int):
+    for generation in engine.generate(prompts, replace(GREEDY, max_new_tokens=max_new_tokens)):
+        assert len(generation.token_ids) == max_new_tokens
+        assert generation.finish_reason == "length"
+
+
+def test_repetition_penalty_changes_the_tokens(engine: Engine, prompts: list[list[int]]):
+    assert engine.generate(prompts, replace(GREEDY, repetition_penalty=5.0)) != engine.generate(prompts, GREEDY)
+
+
+def test_eos_ends_generation_with_stop(eos_forced: Engine, prompts: list[list[int]]):
+    for generation in eos_forced.generate(prompts, GREEDY):
+        assert generation.token_ids == (eos_forced.eos_id,)
+        assert generation.finish_reason == "stop"
+
+
+def test_ignore_eos_generates_to_max_new_tokens(eos_forced: Engine, prompts: list[list[int]]):
+    for generation in eos_forced.generate(prompts, replace(GREEDY, ignore_eos=True)):
+        assert len(generation.token_ids) == GREEDY.max_new_tokens
+        assert generation.finish_reason == "length"
+
+
+def test_stop_check_ends_only_its_row(engine: Engine, prompts: list[list[int]]):
+    free = engine.generate(prompts, GREEDY)
+    target = free[0].token_ids[4]
+    stopped = engine.generate(prompts, GREEDY, stop_check=lambda ids: target in ids)
+    assert stopped[0].token_ids == free[0].token_ids[:5] and stopped[0].finish_reason == "stop"
+    for before, after in zip(free[1:], stopped[1:], strict=True):
+        if target not in before.token_ids:
+            assert after == before
+
+
+def test_engine_rejects_prompts_over_the_context_window(engine: Engine):
+    with pytest.raises(AssertionError):
+        engine.generate([[1] * engine.context_window], GREEDY)
+
+
+def test_sampling_settings_check_their_own_invariants():
+    for bad in ({"max_new_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_k": -1},
+                {"repetition_penalty": 0.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingSettings(**{"max_new_tokens": 4, **bad})
