@@ -49,8 +49,12 @@ def check_fits(checkpoint: Checkpoint, placement: Placement) -> None:
     needed = checkpoint.bytes_as(placement.dtype)
     if needed > placement.available_bytes:
         raise DoesNotFit(
-            f"the weights of {checkpoint.path} need {needed / GIB:.1f} GiB in {placement.dtype}, but only "
-            f"{placement.available_bytes / GIB:.1f} GiB is available "
+            f"the weights of {checkpoint.path} need {size(needed)} in {placement.dtype}, but only "
+            f"{size(placement.available_bytes)} is available "
             f"({'GPU caps ' + str(placement.max_memory) if placement.max_memory else 'free CPU memory'}); "
             "use a larger instance, more GPUs, or set MIXTRAL_MAX_CPU_MEMORY / MIXTRAL_OFFLOAD_FOLDER to offload"
         )
+
+
+def size(nbytes: int) -> str:
+    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB else f"{nbytes / 1024**2:.1f} MiB"

@@ -96,7 +96,7 @@ def wait_ready(process: subprocess.Popen, url: str, timeout: float = 120) -> boo
         try:
             if requests.get(url + "/", timeout=5).ok:
                 return True
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             pass
         time.sleep(0.5)
     raise TimeoutError(f"azmlinfsrv at {url} not ready after {timeout}s")

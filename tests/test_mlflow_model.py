@@ -1,0 +1,53 @@
+"""model/ is an MLflow pyfunc model: loaded with MLflow's own loader, it answers as /score does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow.pyfunc
+import pandas as pd
+import pytest
+
+from mixtral_endpoint.errors import CheckpointError
+from mixtral_endpoint.protocol import load_schema
+from mixtral_endpoint.pyfunc import find_mlmodel
+from mixtral_endpoint.service import Scorer
+
+CONVERSATION = [{"role": "user", "content": "I am going to Paris, what should I see?"}]
+
+
+@pytest.fixture(scope="module")
+def loaded(mlflow_model: Path) -> mlflow.pyfunc.PyFuncModel:
+    return mlflow.pyfunc.load_model(str(mlflow_model))
+
+
+def test_model_folder_holds_no_pickle(mlflow_model: Path):
+    assert not [p for p in mlflow_model.rglob("*") if p.suffix in (".pkl", ".pickle", ".bin", ".pt")]
+    assert "model_code_path" in (mlflow_model / "MLmodel").read_text()
+
+
+def test_params_schema_lists_every_parameter_with_its_default(loaded: mlflow.pyfunc.PyFuncModel):
+    params = {p.name: p.default for p in loaded.metadata.get_params_schema().params}
+    properties = load_schema("request")["$defs"]["parameters"]["properties"]
+    assert params == {name: spec["default"] for name, spec in properties.items()}
+
+
+def test_predict_matches_the_core_for_a_conversation(loaded: mlflow.pyfunc.PyFuncModel, scorer: Scorer):
+    params = {"max_new_tokens": 10, "return_full_text": True}
+    (result,) = loaded.predict({"input_string": CONVERSATION}, params=params)
+    assert result == scorer.score({"input_data": {"input_string": CONVERSATION}, "parameters": params})
+
+
+def test_predict_scores_a_dataframe_row_by_row(loaded: mlflow.pyfunc.PyFuncModel, scorer: Scorer):
+    frame = pd.DataFrame({"input_string": ["Once upon a time", "The capital of France is"]})
+    results = loaded.predict(frame, params={"max_new_tokens": 6})
+    expected = [scorer.score({"input_data": {"input_string": [p]}, "parameters": {"max_new_tokens": 6}})
+                for p in frame["input_string"]]
+    assert results == expected
+
+
+def test_find_mlmodel_accepts_the_folder_or_one_level_down(azureml_models: Path, tmp_path: Path):
+    assert find_mlmodel(azureml_models) == (azureml_models / "model").resolve()
+    assert find_mlmodel(azureml_models / "model") == (azureml_models / "model").resolve()
+    with pytest.raises(CheckpointError, match="no MLmodel"):
+        find_mlmodel(tmp_path)
