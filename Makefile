@@ -34,8 +34,10 @@ lint: install
 test: lint
 	$(BIN)/python -m pytest
 
+# Regenerates sample-response.json with the embedded model, then the swagger files that quote it.
 sample-response: model
 	$(BIN)/mixtral-endpoint sample-response --model model --request sample-request.json --out sample-response.json
+	$(BIN)/mixtral-endpoint swagger
 
 clean:
 	rm -rf model/* .azureml-models

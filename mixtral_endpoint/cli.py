@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--request", type=Path, default=Path("sample-request.json"))
     sample.add_argument("--out", type=Path, default=Path("sample-response.json"))
 
+    commands.add_parser("swagger", help="write swagger2.json and swagger3.json from schemas/")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -73,9 +75,18 @@ def _sample_response(args: argparse.Namespace) -> int:
     return 0
 
 
+def _swagger(args: argparse.Namespace) -> int:
+    from .swagger import write_swagger
+
+    for path in write_swagger():
+        print(path)
+    return 0
+
+
 _COMMANDS = {
     "build-tiny": _build_tiny,
     "package": _package,
     "build-model": _build_model,
     "sample-response": _sample_response,
+    "swagger": _swagger,
 }

@@ -1,0 +1,82 @@
+"""swagger2.json and swagger3.json, generated from schemas/ so the API describes itself.
+
+azmlinfsrv serves them from the entry script's folder at `GET /swagger.json?version=2|3`, and
+Azure ML's endpoint page shows them. They start from azmlinfsrv's own templates; only the
+request and response schemas (with the sample request and response as examples) are ours.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from azureml_inference_server_http.constants import SERVER_ROOT
+
+from .protocol import load_schema
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICE_NAME = "mixtral-8x7b"
+SERVICE_VERSION = "1.0"
+VERSIONS = ("2", "3")
+
+
+def build_swagger(version: str) -> dict[str, Any]:
+    template = (Path(SERVER_ROOT) / f"swagger{version}_template.json").read_text()
+    spec = json.loads(template.replace("$SERVICE_NAME$", SERVICE_NAME)
+                      .replace("$SERVICE_VERSION$", SERVICE_VERSION).replace("$PATH_PREFIX$", ""))
+    ref_root = "#/definitions/" if version == "2" else "#/components/schemas/"
+    schemas = spec["definitions"] if version == "2" else spec["components"]["schemas"]
+    for name, example_file, target in (("request", "sample-request.json", "ServiceInput"),
+                                       ("response", "sample-response.json", "ServiceOutput")):
+        schema = copy.deepcopy(load_schema(name))
+        for def_name, definition in schema.pop("$defs", {}).items():
+            schemas[_def_name(name, def_name)] = _convert(definition, version, ref_root, name)
+        schema = _convert(schema, version, ref_root, name)
+        schema["example"] = json.loads((ROOT / example_file).read_text())
+        schemas[target] = schema
+    ours = {"$ref": ref_root + _def_name("response", "error_response")}
+    # 4xx/5xx from score.py have our error shape; azmlinfsrv's own failures keep its {"message"} shape.
+    schemas["ErrorResponse"] = ours if version == "2" else {"anyOf": [ours, schemas["ErrorResponse"]]}
+    return spec
+
+
+def write_swagger(out_dir: Path = ROOT) -> list[Path]:
+    written = []
+    for version in VERSIONS:
+        path = out_dir / f"swagger{version}.json"
+        path.write_text(json.dumps(build_swagger(version), indent=2, ensure_ascii=False) + "\n")
+        written.append(path)
+    return written
+
+
+def _def_name(schema_name: str, def_name: str) -> str:
+    return f"{schema_name.capitalize()}_{def_name}"
+
+
+def _convert(node: Any, version: str, ref_root: str, schema_name: str) -> Any:
+    """JSON Schema 2020-12 -> OpenAPI 3.0 / Swagger 2.0 schema objects."""
+    if isinstance(node, list):
+        return [_convert(item, version, ref_root, schema_name) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in ("$schema", "$id") or (key == "default" and value is None and version == "2"):
+            continue
+        if key == "$ref":
+            out["$ref"] = ref_root + _def_name(schema_name, value.rsplit("/", 1)[1])
+        elif key == "type" and isinstance(value, list):
+            out["type"] = next(t for t in value if t != "null")
+            out["x-nullable" if version == "2" else "nullable"] = True
+        elif key == "exclusiveMinimum":
+            out["minimum"], out["exclusiveMinimum"] = value, True
+        elif key in ("anyOf", "oneOf") and version == "2":
+            # Swagger 2.0 has no anyOf/oneOf: keep the alternatives as a vendor extension.
+            out[f"x-{key}"] = _convert(value, version, ref_root, schema_name)
+        elif key == "properties":
+            out[key] = {name: _convert(v, version, ref_root, schema_name) for name, v in value.items()}
+        else:
+            out[key] = _convert(value, version, ref_root, schema_name)
+    return out

@@ -1,0 +1,65 @@
+"""The Azure deployment files make choices that fit Mixtral-8x7B, and agree with the local install."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from mixtral_endpoint.checkpoint import MIXTRAL_8X7B_CONFIG
+
+ROOT = Path(__file__).resolve().parent.parent
+# GPU memory per instance type, in GB (10^9 bytes), for the SKUs this project names.
+SKU_GPU_GB = {"Standard_NC48ads_A100_v4": 2 * 80, "Standard_NC96ads_A100_v4": 4 * 80,
+              "Standard_ND96asr_v4": 8 * 40, "Standard_ND96amsr_A100_v4": 8 * 80}
+AZURE_REQUEST_TIMEOUT_CAP_MS = 180_000
+MIXTRAL_PARAMETERS = 46.7e9
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def test_instance_holds_bf16_weights_and_a_full_kv_cache():
+    deployment = load("deployment.yml")
+    c = MIXTRAL_8X7B_CONFIG
+    weights = MIXTRAL_PARAMETERS * 2
+    head_dim = c["hidden_size"] // c["num_attention_heads"]
+    kv_per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * 2  # k and v, bf16
+    batch = int(deployment["environment_variables"]["MIXTRAL_MAX_PROMPTS"])
+    cache = batch * c["max_position_embeddings"] * kv_per_token
+    assert weights + cache < SKU_GPU_GB[deployment["instance_type"]] * 1e9 * 0.95
+
+
+def test_timeouts_and_probes_allow_a_load_of_minutes():
+    deployment = load("deployment.yml")
+    assert deployment["request_settings"]["request_timeout_ms"] <= AZURE_REQUEST_TIMEOUT_CAP_MS
+    # 93 GB read at a pessimistic 200 MB/s from the model mount: about 8 minutes.
+    load_seconds = MIXTRAL_PARAMETERS * 2 / 200e6
+    assert int(deployment["environment_variables"]["WORKER_TIMEOUT"]) > load_seconds
+    for probe in ("liveness_probe", "readiness_probe"):
+        p = deployment[probe]
+        assert p["initial_delay"] + p["period"] * p["failure_threshold"] > load_seconds, probe
+
+
+def test_concurrency_matches_the_servers_threads():
+    deployment = load("deployment.yml")
+    threads = int(re.search(r"--threads (\d+)", deployment["environment_variables"]["GUNICORN_CMD_ARGS"])[1])
+    assert deployment["request_settings"]["max_concurrent_requests_per_instance"] == threads
+
+
+def test_deployment_points_at_this_repository():
+    deployment = load("deployment.yml")
+    assert deployment["endpoint_name"] == load("endpoint.yml")["name"]
+    assert (ROOT / deployment["code_configuration"]["scoring_script"]).is_file()
+    assert (ROOT / deployment["environment"]["conda_file"]).is_file()
+
+
+def test_conda_environment_pins_what_the_project_installs():
+    conda = load("conda.yaml")
+    pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    requirements = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+                    if line.strip() and not line.startswith("#")]
+    assert sorted(pip) == sorted(requirements)
+    assert all("==" in r for r in requirements)
