@@ -22,6 +22,7 @@ scorer: Scorer | None = None
 
 def init() -> None:
     global scorer
+    _log_to_stderr(logging.getLogger("mixtral_endpoint"))
     scorer = load_scorer(Path(os.environ.get("AZUREML_MODEL_DIR", "model")))
 
 
@@ -33,12 +34,23 @@ def run(request: flask.Request) -> AMLResponse:
         if request.method != "POST":
             raise InvalidRequest("POST a JSON request to /score; see sample-request.json")
         body = _read_body(request, scorer.config.max_body_bytes)
-        return AMLResponse(scorer.score_body(body), 200, json_str=True)
+        request_id = flask.g.get("request_id") or request.headers.get("x-request-id")
+        return AMLResponse(scorer.score_body(body, request_id=request_id), 200, json_str=True)
     except ScoringError as exc:
         return _error(exc)
     except Exception:
         log.exception("unexpected failure while scoring")
         return _error(InternalError("an unexpected error occurred; the server log has the details"))
+
+
+def _log_to_stderr(logger: logging.Logger) -> None:
+    # azmlinfsrv configures only its own loggers; the per-request lines need a handler of their own.
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s [%(process)d] %(name)s - %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # something in the stack configures the root logger too
 
 
 def _read_body(request: flask.Request, limit: int) -> bytes:

@@ -35,12 +35,12 @@ class Scorer:
         engine = Engine.load(checkpoint, plan_placement(config))
         return cls(engine, PromptTokenizer(checkpoint_dir / "tokenizer.model"), config)
 
-    def score_body(self, body: bytes) -> dict[str, Any] | list[dict[str, Any]]:
+    def score_body(self, body: bytes, *, request_id: str | None = None) -> dict[str, Any] | list[dict[str, Any]]:
         """Scores a raw HTTP body: size cap first, then JSON, then the request."""
         if len(body) > self.config.max_body_bytes:
             raise PayloadTooLarge(
                 f"the request body is {len(body)} bytes; at most {self.config.max_body_bytes} are allowed")
-        return self.score(parse_json(body))
+        return self.score(parse_json(body), request_id=request_id)
 
     def score(self, payload: Any, *, request_id: str | None = None) -> dict[str, Any] | list[dict[str, Any]]:
         request = parse_request(payload, self.config.limits)

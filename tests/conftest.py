@@ -112,9 +112,14 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
-def server(azureml_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("server") / "azmlinfsrv.log"
+
+
+@pytest.fixture(scope="session")
+def server(azureml_models: Path, server_log: Path) -> Iterator[str]:
     """A real azmlinfsrv process serving score.py over the tiny model on a free loopback port."""
-    log_path = tmp_path_factory.mktemp("server") / "azmlinfsrv.log"
+    log_path = server_log
     process, url = start_server(azureml_models, log_path)
     try:
         if not wait_ready(process, url):

@@ -106,6 +106,16 @@ def test_server_answers_good_requests_after_bad_ones(server: str):
     assert response.json()[0]["usage"]["completion_tokens"] == 3
 
 
+def test_one_log_line_per_request_without_the_prompt(server: str, server_log: Path):
+    payload = {"input_data": {"input_string": [SECRET]}, "parameters": {"max_new_tokens": 4}}
+    response = post(server, payload, headers={"x-request-id": "log-line-test-42"})
+    assert response.status_code == 200
+    lines = [line for line in server_log.read_text().splitlines() if "request=log-line-test-42" in line]
+    assert len(lines) == 1
+    assert "prompt_tokens=" in lines[0] and "completion_tokens=4" in lines[0] and "tokens_per_s=" in lines[0]
+    assert SECRET not in server_log.read_text()
+
+
 def test_init_fails_fast_when_the_model_folder_is_missing(tmp_path: Path):
     """No model: the worker does not boot and the server exits rather than answering with garbage."""
     process, url = start_server(tmp_path / "missing", tmp_path / "log.txt")
