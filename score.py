@@ -27,7 +27,7 @@ def init() -> None:
 
 
 @rawhttp
-def run(request: flask.Request) -> AMLResponse:
+def run(request: flask.Request) -> flask.Response:
     try:
         if scorer is None:
             raise ModelNotReady("the model is still loading; try again shortly", retry_after=30)
@@ -35,7 +35,12 @@ def run(request: flask.Request) -> AMLResponse:
             raise InvalidRequest("POST a JSON request to /score; see sample-request.json")
         body = _read_body(request, scorer.config.max_body_bytes)
         request_id = flask.g.get("request_id") or request.headers.get("x-request-id")
-        return AMLResponse(scorer.score_body(body, request_id=request_id), 200, json_str=True)
+        result = scorer.score_body(body, request_id=request_id)
+        if isinstance(result, dict | list):
+            return AMLResponse(result, 200, json_str=True)
+        # Server-sent events; X-Accel-Buffering asks proxies that honour it not to buffer the stream.
+        return flask.Response(result, status=200, mimetype="text/event-stream",
+                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     except ScoringError as exc:
         return _error(exc)
     except Exception:

@@ -24,15 +24,23 @@ class ServerConfig:
     max_total_tokens: int = 0  # prompt + new tokens; 0: the model's context window
     max_prompts: int = 8  # text prompts in one request
     max_body_bytes: int = 1_048_576
+    # Serving: continuous batching, backpressure and deadlines.
+    max_batch_size: int = 8  # rows generated together in one step
+    max_queue: int = 16  # rows waiting for a place in the batch; past it, 429
+    request_timeout_s: float = 170.0  # per-request deadline, below Azure's 180 s request_timeout_ms
     # Logging.
     log_prompts: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"{PREFIX}DTYPE must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
-        for name in ("max_new_tokens", "default_max_new_tokens", "max_prompts", "max_body_bytes"):
+        for name in ("max_new_tokens", "default_max_new_tokens", "max_prompts", "max_body_bytes", "max_batch_size",
+                     "max_queue", "request_timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
+        if self.max_prompts > self.max_queue:
+            raise ValueError(f"{PREFIX}MAX_PROMPTS ({self.max_prompts}) is above {PREFIX}MAX_QUEUE ({self.max_queue}): "
+                             "such a request could never be queued")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError(f"{PREFIX}DEFAULT_MAX_NEW_TOKENS ({self.default_max_new_tokens}) is above "
                              f"{PREFIX}MAX_NEW_TOKENS ({self.max_new_tokens})")

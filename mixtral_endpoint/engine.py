@@ -1,22 +1,28 @@
-"""The engine: MixtralForCausalLM behind accelerate, generating from token ids.
+"""The engine: MixtralForCausalLM behind accelerate, generating from token ids, one step at a time.
 
-It knows nothing of HTTP, Azure, MLflow or text: prompts are token id lists, settings are a
-frozen SamplingSettings, and results are token ids with a finish reason. Stop strings reach it
-only as an opaque per-row check.
+It knows nothing of HTTP, Azure, MLflow or text: a Row is a prompt's token ids with frozen
+SamplingSettings, and a Batch is the rows in flight with their shared KV cache. Rows may join a
+running batch (their cache is left-padded to the batch's length) and leave it as soon as they
+finish, which is what lets one model copy serve many callers. Stop strings reach it only as an
+opaque per-row check.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import threading
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig, MixtralForCausalLM, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, MixtralForCausalLM
 
 from .checkpoint import Checkpoint
 from .placement import Placement, check_fits
+from .sampler import choose_tokens, new_generator
 from .sampling import Generation, SamplingSettings
 
 log = logging.getLogger(__name__)
@@ -24,14 +30,56 @@ log = logging.getLogger(__name__)
 StopCheck = Callable[[Sequence[int]], bool]  # new token ids of one row -> stop now?
 
 
+@dataclass(eq=False)
+class Row:
+    """One prompt in flight. The engine fills `tokens` and `finish_reason`, then sets `done`."""
+
+    prompt: list[int]
+    settings: SamplingSettings
+    stop_check: StopCheck | None = None
+    deadline: float | None = None  # time.monotonic() after which the row ends with "time_limit"
+    stream: queue.SimpleQueue | None = None  # receives each new token id, then None
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+    submitted_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    first_token_at: float | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+    def finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        if self.stream is not None:
+            self.stream.put(None)
+        self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.finish("error")
+
+    @property
+    def generation(self) -> Generation:
+        assert self.finish_reason is not None
+        return Generation(tuple(self.tokens), self.finish_reason)
+
+
+@dataclass
+class Batch:
+    rows: list[Row]
+    cache: DynamicCache
+    mask: torch.Tensor  # [batch, cached length]: 1 for real tokens, 0 for left padding
+    positions: torch.Tensor  # [batch]: position id of each row's next token
+    last: torch.Tensor  # [batch]: each row's latest token, the next step's input
+
+
 class Engine:
     def __init__(self, model: MixtralForCausalLM, *, eos_id: int, context_window: int) -> None:
         self.model = model.eval()
         self.eos_id = eos_id
         self.context_window = context_window
-        self.device = next(model.parameters()).device
-        # One generation at a time: the seed is process-global and the model is shared.
-        self._lock = threading.Lock()
+        self.device = model.get_input_embeddings().weight.device
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, placement: Placement) -> Engine:
@@ -53,74 +101,112 @@ class Engine:
     def generate(
         self, prompts: Sequence[Sequence[int]], settings: SamplingSettings, *, stop_check: StopCheck | None = None
     ) -> list[Generation]:
-        """Generates for a batch of prompts that share settings; one Generation per prompt, in order."""
-        assert prompts and all(prompts), "every prompt needs at least one token"
-        longest = max(len(p) for p in prompts)
-        assert longest + settings.max_new_tokens <= self.context_window, "prompt + max_new_tokens over context"
-        input_ids, attention_mask = self._left_pad(prompts, longest)
-        stopper = _StopStrings(stop_check, longest) if stop_check else None
-        with self._lock, torch.inference_mode():
-            if not settings.greedy:
-                torch.manual_seed(settings.seed if settings.seed is not None else random.getrandbits(63))
-            output = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                generation_config=self._generation_config(settings),
-                stopping_criteria=StoppingCriteriaList([stopper]) if stopper else None,
-            )
-        rows = output[:, longest:].tolist()
-        return [self._finish(i, row, settings, stopper) for i, row in enumerate(rows)]
+        """Generates for prompts that share settings, as one batch; one Generation per prompt, in order."""
+        rows = [Row(list(p), settings, stop_check) for p in prompts]
+        batch = self.prefill(rows)
+        while batch is not None:
+            batch = self.step(batch)
+        return [row.generation for row in rows]
 
-    def _left_pad(self, prompts: Sequence[Sequence[int]], longest: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # [batch, longest]: left padding keeps every prompt's last token in the last column.
-        ids = torch.full((len(prompts), longest), self.eos_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), longest), dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            ids[i, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            mask[i, longest - len(prompt):] = 1
-        return ids.to(self.device), mask.to(self.device)
+    @torch.inference_mode()
+    def prefill(self, rows: Sequence[Row]) -> Batch | None:
+        """Runs the prompts of new rows and picks their first tokens; returns the rows still going."""
+        for row in rows:
+            assert row.prompt, "every prompt needs at least one token"
+            assert len(row.prompt) + row.settings.max_new_tokens <= self.context_window, "over the context window"
+            row.started_at = time.monotonic()
+            row.generator = new_generator(row.settings, self.device, random.getrandbits(63))
+        width = max(len(row.prompt) for row in rows)
+        ids = torch.full((len(rows), width), self.eos_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row.prompt):] = torch.tensor(row.prompt)
+            mask[i, width - len(row.prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [batch, width]
+        cache = DynamicCache(config=self.model.config)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                            use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        batch = Batch(list(rows), cache, mask, positions[:, -1] + 1, ids[:, -1])
+        return self._advance(batch, logits)
 
-    def _generation_config(self, settings: SamplingSettings) -> GenerationConfig:
-        sampling = {} if settings.greedy else {
-            "temperature": settings.temperature,
-            "top_p": settings.top_p,
-            "top_k": settings.top_k,
-        }
-        return GenerationConfig(
-            max_new_tokens=settings.max_new_tokens,
-            do_sample=not settings.greedy,
-            repetition_penalty=settings.repetition_penalty,
-            # ignore_eos: an empty list, not None, which would fall back to the model's EOS.
-            eos_token_id=[] if settings.ignore_eos else self.eos_id,
-            pad_token_id=self.eos_id,
-            **sampling,
-        )
+    @torch.inference_mode()
+    def step(self, batch: Batch) -> Batch | None:
+        """One new token for every row of the batch; returns the rows still going."""
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
+        logits = self.model(input_ids=batch.last[:, None], attention_mask=batch.mask,
+                            position_ids=batch.positions[:, None], cache=batch.cache,
+                            use_cache=True).logits[:, -1, :]
+        batch.positions = batch.positions + 1
+        return self._advance(batch, logits)
 
-    def _finish(self, index: int, row: list[int], settings: SamplingSettings,
-                stopper: _StopStrings | None) -> Generation:
-        stopped_at = stopper.stopped_at.get(index) if stopper else None
-        if stopped_at is not None:
-            row = row[:stopped_at]
-        if not settings.ignore_eos and self.eos_id in row:
-            return Generation(tuple(row[: row.index(self.eos_id) + 1]), "stop")
-        if stopped_at is not None:
-            return Generation(tuple(row), "stop")
-        return Generation(tuple(row), "length")
+    def join(self, batch: Batch | None, new: Batch | None) -> Batch | None:
+        """One batch of both: the shorter cache is left-padded (masked out) to the longer one's length."""
+        if batch is None or new is None:
+            return batch or new
+        length = max(batch.mask.shape[1], new.mask.shape[1])
+        a, b = _left_pad(batch, length), _left_pad(new, length)
+        for layer_a, layer_b in zip(a.cache.layers, b.cache.layers, strict=True):
+            layer_a.keys = torch.cat([layer_a.keys, layer_b.keys.to(layer_a.keys.device)])
+            layer_a.values = torch.cat([layer_a.values, layer_b.values.to(layer_a.values.device)])
+        return Batch(a.rows + b.rows, a.cache, torch.cat([a.mask, b.mask]),
+                     torch.cat([a.positions, b.positions]), torch.cat([a.last, b.last]))
+
+    def _advance(self, batch: Batch, logits: torch.Tensor) -> Batch | None:
+        rows = batch.rows
+        chosen = choose_tokens(logits, [r.settings for r in rows], [r.prompt + r.tokens for r in rows],
+                               [r.generator for r in rows])
+        now = time.monotonic()
+        keep = []
+        for i, (row, token) in enumerate(zip(rows, chosen, strict=True)):
+            row.tokens.append(token)
+            row.first_token_at = row.first_token_at or now
+            if row.stream is not None:
+                row.stream.put(token)
+            reason = self._finish_reason(row, token, now)
+            if reason is None:
+                keep.append(i)
+            else:
+                row.finish(reason)
+        if not keep:
+            return None
+        batch.last = torch.tensor(chosen, device=batch.last.device)
+        return batch if len(keep) == len(rows) else _select(batch, keep)
+
+    def _finish_reason(self, row: Row, token: int, now: float) -> str | None:
+        if token == self.eos_id and not row.settings.ignore_eos:
+            return "stop"
+        if row.stop_check is not None and row.stop_check(row.tokens):
+            return "stop"
+        if len(row.tokens) >= row.settings.max_new_tokens:
+            return "length"
+        if row.deadline is not None and now >= row.deadline:
+            return "time_limit"
+        if row.cancelled:
+            return "cancelled"
+        return None
 
 
-class _StopStrings(StoppingCriteria):
-    """Ends each row whose new tokens pass `check`, and remembers after how many tokens."""
+def _select(batch: Batch, keep: list[int]) -> Batch:
+    index = torch.tensor(keep, device=batch.mask.device)
+    mask = batch.mask[index]
+    # Columns that are padding for every remaining row carry nothing: drop them from mask and cache.
+    start = int((mask.sum(dim=0) > 0).nonzero()[0])
+    for layer in batch.cache.layers:
+        layer_index = index.to(layer.keys.device)
+        layer.keys = layer.keys[layer_index, :, start:]
+        layer.values = layer.values[layer_index, :, start:]
+    return Batch([batch.rows[i] for i in keep], batch.cache, mask[:, start:], batch.positions[index],
+                 batch.last[index])
 
-    def __init__(self, check: StopCheck, prompt_width: int) -> None:
-        self.check = check
-        self.prompt_width = prompt_width
-        self.stopped_at: dict[int, int] = {}
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
-        new = input_ids[:, self.prompt_width:]  # [batch, generated so far]
-        done = torch.zeros(new.shape[0], dtype=torch.bool, device=input_ids.device)
-        for i, row in enumerate(new.tolist()):
-            if i in self.stopped_at or self.check(row):
-                self.stopped_at.setdefault(i, len(row))
-                done[i] = True
-        return done
+def _left_pad(batch: Batch, length: int) -> Batch:
+    extra = length - batch.mask.shape[1]
+    if extra == 0:
+        return batch
+    for layer in batch.cache.layers:
+        # keys/values: [batch, kv_heads, cached length, head_dim]; pad the length on the left.
+        layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, extra, 0))
+        layer.values = torch.nn.functional.pad(layer.values, (0, 0, extra, 0))
+    mask = torch.nn.functional.pad(batch.mask, (extra, 0))
+    return Batch(batch.rows, batch.cache, mask, batch.positions, batch.last)

@@ -45,6 +45,7 @@ class ScoringRequest:
     settings: SamplingSettings
     return_full_text: bool
     return_token_ids: bool
+    stream: bool = False
 
     @property
     def is_chat(self) -> bool:
@@ -98,12 +99,16 @@ def parse_request(payload: Any, limits: RequestLimits) -> ScoringRequest:
                 f"{len(prompts)} prompts in one request; at most {limits.max_prompts} are allowed",
                 param="input_data.input_string",
             )
+    stream = params.get("stream", False)
+    if stream and prompts is not None and len(prompts) > 1:
+        raise InvalidRequest(f"stream takes one prompt; this request has {len(prompts)}", param="parameters.stream")
     return ScoringRequest(
         conversation=conversation,
         prompts=prompts,
         settings=to_settings(params, limits),
         return_full_text=params.get("return_full_text", False),
         return_token_ids=params.get("return_token_ids", False),
+        stream=stream,
     )
 
 
@@ -143,6 +148,22 @@ def render(request: ScoringRequest, completions: list[Completion]) -> dict[str, 
         _result(c, "0", prompt + c.text if request.return_full_text else c.text, request.return_token_ids)
         for prompt, c in zip(request.prompts, completions, strict=True)
     ]
+
+
+def render_stream_delta(text: str) -> str:
+    """One server-sent event carrying the next piece of text."""
+    return f"data: {json.dumps({'delta': text}, ensure_ascii=False)}\n\n"
+
+
+def render_stream_end(request: ScoringRequest, completion: Completion) -> str:
+    """The last events of a stream: finish reason and usage (and ids when asked), then [DONE]."""
+    body = _result(completion, "delta", "", request.return_token_ids)
+    del body["delta"]
+    return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
+
+
+def render_stream_error(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
 
 
 def _result(completion: Completion, key: str, text: str, with_ids: bool) -> dict[str, Any]:

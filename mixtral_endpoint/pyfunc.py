@@ -32,6 +32,8 @@ class MixtralModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):  # noqa: ANN001
         """One result per conversation or prompt, in order, as /score would render it."""
         parameters = {k: v for k, v in (params or {}).items() if v is not None}
+        if parameters.get("stream"):
+            raise InvalidRequest("stream is served by the /score endpoint, not MLflow predict", param="stream")
         return [self.scorer.score({"input_data": {"input_string": item}, "parameters": parameters})
                 for item in input_items(model_input)]
 

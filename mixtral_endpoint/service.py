@@ -1,24 +1,38 @@
-"""The one core every door calls: a request payload in, a response body out, or a typed error."""
+"""The one core every door calls: a request payload in, a response body (or event stream) out,
+or a typed error."""
 
 from __future__ import annotations
 
 import logging
+import queue
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import inspect_checkpoint
 from .config import ServerConfig
-from .engine import Engine, StopCheck
+from .engine import Engine, Row, StopCheck
 from .errors import ContextLengthExceeded, InternalError, PayloadTooLarge
 from .placement import plan_placement
-from .protocol import Completion, ScoringRequest, parse_json, parse_request, render
-from .sampling import Generation
+from .protocol import (
+    Completion,
+    ScoringRequest,
+    parse_json,
+    parse_request,
+    render,
+    render_stream_delta,
+    render_stream_end,
+    render_stream_error,
+)
+from .scheduler import Scheduler
 from .tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
+
+Body = dict[str, Any] | list[dict[str, Any]]
+_GRACE_S = 30.0  # past a row's deadline, a wait this much longer means the scheduler is stuck
 
 
 class Scorer:
@@ -28,6 +42,7 @@ class Scorer:
         self.config = config
         window = engine.context_window
         self.max_total_tokens = min(config.max_total_tokens, window) if config.max_total_tokens else window
+        self.scheduler = Scheduler(engine, max_batch=config.max_batch_size, max_queue=config.max_queue)
 
     @classmethod
     def load(cls, checkpoint_dir: Path, config: ServerConfig) -> Scorer:
@@ -35,25 +50,29 @@ class Scorer:
         engine = Engine.load(checkpoint, plan_placement(config))
         return cls(engine, PromptTokenizer(checkpoint_dir / "tokenizer.model"), config)
 
-    def score_body(self, body: bytes, *, request_id: str | None = None) -> dict[str, Any] | list[dict[str, Any]]:
+    def score_body(self, body: bytes, *, request_id: str | None = None) -> Body | Iterator[str]:
         """Scores a raw HTTP body: size cap first, then JSON, then the request."""
         if len(body) > self.config.max_body_bytes:
             raise PayloadTooLarge(
                 f"the request body is {len(body)} bytes; at most {self.config.max_body_bytes} are allowed")
         return self.score(parse_json(body), request_id=request_id)
 
-    def score(self, payload: Any, *, request_id: str | None = None) -> dict[str, Any] | list[dict[str, Any]]:
+    def score(self, payload: Any, *, request_id: str | None = None) -> Body | Iterator[str]:
+        """The response body, or, for `stream: true`, an iterator of server-sent events.
+
+        Validation and admission happen before this returns, so a stream never starts with an error.
+        """
         request = parse_request(payload, self.config.limits)
         request_id = request_id or uuid.uuid4().hex
-        started = time.perf_counter()
         prompts = self._encode(request)
-        try:
-            generations = self.engine.generate(prompts, request.settings, stop_check=self._stop_check(request))
-        except Exception as exc:
-            log.exception("generation failed for request %s", request_id)
-            raise InternalError("generation failed; the server log has the details") from exc
-        completions = [self._complete(request, p, g) for p, g in zip(prompts, generations, strict=True)]
-        self._log(request_id, request, completions, time.perf_counter() - started)
+        rows = self._submit(request, prompts, stream=request.stream)
+        if request.stream:
+            return self._events(request_id, request, prompts[0], rows[0])
+        for row in rows:
+            self._wait(request_id, row)
+        completions = [self._complete(request, p, row.tokens, row.finish_reason)
+                       for p, row in zip(prompts, rows, strict=True)]
+        self._log(request_id, request, rows)
         return render(request, completions)
 
     def _encode(self, request: ScoringRequest) -> list[list[int]]:
@@ -72,6 +91,46 @@ class Scorer:
                 )
         return prompts
 
+    def _submit(self, request: ScoringRequest, prompts: list[list[int]], *, stream: bool) -> list[Row]:
+        deadline = time.monotonic() + self.config.request_timeout_s
+        stop_check = self._stop_check(request)
+        rows = [Row(p, request.settings, stop_check, deadline, queue.SimpleQueue() if stream else None)
+                for p in prompts]
+        self.scheduler.submit(rows)
+        return rows
+
+    def _wait(self, request_id: str, row: Row) -> None:
+        if not row.done.wait(self.config.request_timeout_s + _GRACE_S) or row.error is not None:
+            log.error("request %s: generation failed or stalled", request_id, exc_info=row.error)
+            raise InternalError("generation failed; the server log has the details")
+
+    def _events(self, request_id: str, request: ScoringRequest, prompt: list[int], row: Row) -> Iterator[str]:
+        assert row.stream is not None
+        # Hold back text that could still turn out to be the start of a stop string.
+        hold = max((len(s) for s in request.settings.stop), default=1) - 1
+        tokens: list[int] = []
+        sent = 0
+        try:
+            while (token := row.stream.get(timeout=self.config.request_timeout_s + _GRACE_S)) is not None:
+                tokens.append(token)
+                text = self._text(request, prompt, tokens)
+                safe = len(text) - hold - (1 if text.endswith("\ufffd") else 0)  # \ufffd: an incomplete character
+                if safe > sent:
+                    yield render_stream_delta(text[sent:safe])
+                    sent = safe
+            if row.error is not None:
+                raise InternalError("generation failed") from row.error
+            completion = self._complete(request, prompt, tokens, row.finish_reason)
+            if len(completion.text) > sent:
+                yield render_stream_delta(completion.text[sent:])
+            self._log(request_id, request, [row])
+            yield render_stream_end(request, completion)
+        except (queue.Empty, InternalError) as exc:
+            log.error("request %s: stream failed", request_id, exc_info=exc)
+            yield render_stream_error(InternalError("generation failed; the server log has the details").body())
+        finally:
+            row.cancelled = True  # a caller that went away stops its row at the next step
+
     def _stop_check(self, request: ScoringRequest) -> StopCheck | None:
         stops = request.settings.stop
         if not stops:
@@ -81,22 +140,32 @@ class Scorer:
         decode = self.tokenizer.decode
         return lambda ids: any(s in decode(ids[-window:]) for s in stops)
 
-    def _complete(self, request: ScoringRequest, prompt: Sequence[int], generation: Generation) -> Completion:
-        ids = generation.token_ids
-        text = (self.tokenizer.decode(ids) if request.is_chat
-                else self.tokenizer.decode_continuation(prompt, ids))
-        finish_reason = generation.finish_reason
+    def _text(self, request: ScoringRequest, prompt: Sequence[int], tokens: Sequence[int]) -> str:
+        if request.is_chat:
+            return self.tokenizer.decode(tokens)
+        return self.tokenizer.decode_continuation(prompt, tokens)
+
+    def _complete(self, request: ScoringRequest, prompt: Sequence[int], tokens: Sequence[int],
+                  finish_reason: str | None) -> Completion:
+        assert finish_reason in ("stop", "length", "time_limit"), finish_reason
+        text = self._text(request, prompt, tokens)
         cut = min((i for i in (text.find(s) for s in request.settings.stop) if i >= 0), default=-1)
         if cut >= 0:
             text, finish_reason = text[:cut], "stop"
-        return Completion(text=text, prompt_token_ids=tuple(prompt), token_ids=ids, finish_reason=finish_reason)
+        return Completion(text=text, prompt_token_ids=tuple(prompt), token_ids=tuple(tokens),
+                          finish_reason=finish_reason)
 
-    def _log(self, request_id: str, request: ScoringRequest, completions: list[Completion], seconds: float) -> None:
-        prompt_tokens = sum(len(c.prompt_token_ids) for c in completions)
-        new_tokens = sum(len(c.token_ids) for c in completions)
-        extra = ""
-        if self.config.log_prompts:
-            extra = f" prompt={request.conversation or request.prompts!r}"
-        log.info("request=%s prompts=%d prompt_tokens=%d completion_tokens=%d seconds=%.3f tokens_per_s=%.1f%s",
-                 request_id, len(completions), prompt_tokens, new_tokens, seconds,
-                 new_tokens / seconds if seconds > 0 else 0.0, extra)
+    def _log(self, request_id: str, request: ScoringRequest, rows: Sequence[Row]) -> None:
+        submitted = min(r.submitted_at for r in rows)
+        started = max(r.started_at or submitted for r in rows)
+        first = min(r.first_token_at or started for r in rows)
+        seconds = time.monotonic() - submitted
+        new_tokens = sum(len(r.tokens) for r in rows)
+        extra = f" prompt={request.conversation or request.prompts!r}" if self.config.log_prompts else ""
+        log.info(
+            "request=%s prompts=%d prompt_tokens=%d completion_tokens=%d queue_wait_s=%.3f ttft_s=%.3f "
+            "seconds=%.3f tokens_per_s=%.1f finish=%s%s",
+            request_id, len(rows), sum(len(r.prompt) for r in rows), new_tokens, started - submitted,
+            first - submitted, seconds, new_tokens / seconds if seconds > 0 else 0.0,
+            ",".join(str(r.finish_reason) for r in rows), extra,
+        )

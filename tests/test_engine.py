@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from mixtral_endpoint.engine import Engine
+from mixtral_endpoint.engine import Engine, Row
 from mixtral_endpoint.sampling import SamplingSettings
 from mixtral_endpoint.tokenizer import PromptTokenizer
 
@@ -112,3 +112,40 @@ def test_sampling_settings_check_their_own_invariants():
                 {"repetition_penalty": 0.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingSettings(**{"max_new_tokens": 4, **bad})
+
+
+def run_with_late_joiner(engine: Engine, first: list[int], second: list[int], settings: SamplingSettings,
+                         join_after: int) -> tuple[Row, Row]:
+    a, b = Row(first, settings), Row(second, settings)
+    batch = engine.prefill([a])
+    for _ in range(join_after):
+        batch = engine.step(batch)
+    batch = engine.join(batch, engine.prefill([b]))
+    while batch is not None:
+        batch = engine.step(batch)
+    return a, b
+
+
+@pytest.mark.parametrize("settings", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
+def test_a_row_joining_mid_flight_gets_the_same_tokens_as_alone(engine: Engine, prompts: list[list[int]],
+                                                                settings: SamplingSettings):
+    for first, second in ((prompts[0], prompts[3]), (prompts[3], prompts[2])):
+        a, b = run_with_late_joiner(engine, first, second, settings, join_after=5)
+        assert a.generation == engine.generate([first], settings)[0]
+        assert b.generation == engine.generate([second], settings)[0]
+
+
+def test_rows_with_different_settings_share_a_batch(engine: Engine, prompts: list[list[int]]):
+    mixed = [GREEDY, SAMPLED, replace(SAMPLED, seed=99, temperature=0.5, top_k=20), replace(GREEDY, max_new_tokens=3)]
+    rows = [Row(p, s) for p, s in zip(prompts, mixed, strict=True)]
+    batch = engine.prefill(rows)
+    while batch is not None:
+        batch = engine.step(batch)
+    for row, prompt, settings in zip(rows, prompts, mixed, strict=True):
+        assert row.generation == engine.generate([prompt], settings)[0]
+
+
+def test_deadline_ends_a_row_with_time_limit(engine: Engine, prompts: list[list[int]]):
+    row = Row(prompts[0], replace(GREEDY, max_new_tokens=50), deadline=0.0)
+    assert engine.prefill([row]) is None
+    assert row.finish_reason == "time_limit" and len(row.tokens) == 1

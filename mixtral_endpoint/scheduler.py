@@ -1,0 +1,93 @@
+"""Continuous batching: one thread drives the engine, callers' rows join and leave between steps.
+
+Callers (HTTP threads, MLflow predict, batch jobs) submit rows and wait on them. Between two
+decode steps the scheduler admits waiting rows into the running batch, up to `max_batch` rows,
+so a new request starts within one step instead of waiting for the batch to drain. The waiting
+line is bounded: past `max_queue` rows a caller gets `Overloaded` (429) at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+from .engine import Batch, Engine, Row
+from .errors import Overloaded
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, *, max_batch: int, max_queue: int, retry_after_s: int = 2) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.retry_after_s = retry_after_s
+        self._waiting: collections.deque[Row] = collections.deque()
+        self._running = 0
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="mixtral-scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(self, rows: Sequence[Row]) -> None:
+        """Queues a request's rows together, or refuses them all when the line is full."""
+        with self._wake:
+            if len(self._waiting) + len(rows) > self.max_queue:
+                raise Overloaded(
+                    f"the server is at capacity ({self._running} rows generating, {len(self._waiting)} waiting); "
+                    f"retry in {self.retry_after_s} s",
+                    retry_after=self.retry_after_s,
+                )
+            now = time.monotonic()
+            for row in rows:
+                row.submitted_at = now
+            self._waiting.extend(rows)
+            self._wake.notify()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(rows generating, rows waiting)."""
+        return self._running, len(self._waiting)
+
+    def _loop(self) -> None:
+        batch: Batch | None = None
+        while True:
+            admitted = self._admit(batch)
+            # A failure fails the rows it touched (a new request's prefill, or the batch's step),
+            # never the scheduler.
+            if admitted:
+                try:
+                    batch = self.engine.join(batch, self.engine.prefill(admitted))
+                except Exception as exc:
+                    _fail(admitted, exc)
+            if batch is not None:
+                try:
+                    batch = self.engine.step(batch)
+                except Exception as exc:
+                    _fail(batch.rows, exc)
+                    batch = None
+            self._running = len(batch.rows) if batch else 0
+
+    def _admit(self, batch: Batch | None) -> list[Row]:
+        with self._wake:
+            while batch is None and not self._waiting:
+                self._wake.wait()
+            room = self.max_batch - (len(batch.rows) if batch else 0)
+            admitted = []
+            while self._waiting and len(admitted) < room:
+                row = self._waiting.popleft()
+                if row.cancelled or (row.deadline is not None and time.monotonic() >= row.deadline):
+                    row.finish("cancelled" if row.cancelled else "time_limit")
+                    continue
+                admitted.append(row)
+            return admitted
+
+
+def _fail(rows: Sequence[Row], error: Exception) -> None:
+    log.error("generation failed for %d rows", len(rows), exc_info=error)
+    for row in rows:
+        if not row.done.is_set():
+            row.fail(error)
