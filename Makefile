@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 5001
-THREADS ?= 4
+THREADS ?= 24
 SOURCES := $(wildcard mixtral_endpoint/*.py) $(wildcard schemas/*.json)
 
 .PHONY: install model serve test lint sample-response clean

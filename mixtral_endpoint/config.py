@@ -35,9 +35,11 @@ class ServerConfig:
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"{PREFIX}DTYPE must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
         for name in ("max_new_tokens", "default_max_new_tokens", "max_prompts", "max_body_bytes", "max_batch_size",
-                     "max_queue", "request_timeout_s"):
+                     "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"{PREFIX}REQUEST_TIMEOUT_S must be > 0, got {self.request_timeout_s}")
         if self.max_prompts > self.max_queue:
             raise ValueError(f"{PREFIX}MAX_PROMPTS ({self.max_prompts}) is above {PREFIX}MAX_QUEUE ({self.max_queue}): "
                              "such a request could never be queued")

@@ -46,6 +46,7 @@ class Row:
     submitted_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     first_token_at: float | None = None
+    peak_batch: int = 0  # the most rows this one was generated together with (itself included)
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
@@ -161,6 +162,7 @@ class Engine:
         for i, (row, token) in enumerate(zip(rows, chosen, strict=True)):
             row.tokens.append(token)
             row.first_token_at = row.first_token_at or now
+            row.peak_batch = max(row.peak_batch, len(rows))
             if row.stream is not None:
                 row.stream.put(token)
             reason = self._finish_reason(row, token, now)

@@ -114,7 +114,9 @@ class Scorer:
             while (token := row.stream.get(timeout=self.config.request_timeout_s + _GRACE_S)) is not None:
                 tokens.append(token)
                 text = self._text(request, prompt, tokens)
-                safe = len(text) - hold - (1 if text.endswith("\ufffd") else 0)  # \ufffd: an incomplete character
+                cut = _find_stop(text, request.settings.stop)
+                # \ufffd at the end: a character whose bytes have not all arrived yet.
+                safe = cut if cut >= 0 else len(text) - hold - (1 if text.endswith("\ufffd") else 0)
                 if safe > sent:
                     yield render_stream_delta(text[sent:safe])
                     sent = safe
@@ -149,7 +151,7 @@ class Scorer:
                   finish_reason: str | None) -> Completion:
         assert finish_reason in ("stop", "length", "time_limit"), finish_reason
         text = self._text(request, prompt, tokens)
-        cut = min((i for i in (text.find(s) for s in request.settings.stop) if i >= 0), default=-1)
+        cut = _find_stop(text, request.settings.stop)
         if cut >= 0:
             text, finish_reason = text[:cut], "stop"
         return Completion(text=text, prompt_token_ids=tuple(prompt), token_ids=tuple(tokens),
@@ -164,8 +166,13 @@ class Scorer:
         extra = f" prompt={request.conversation or request.prompts!r}" if self.config.log_prompts else ""
         log.info(
             "request=%s prompts=%d prompt_tokens=%d completion_tokens=%d queue_wait_s=%.3f ttft_s=%.3f "
-            "seconds=%.3f tokens_per_s=%.1f finish=%s%s",
+            "seconds=%.3f tokens_per_s=%.1f batch=%d finish=%s%s",
             request_id, len(rows), sum(len(r.prompt) for r in rows), new_tokens, started - submitted,
-            first - submitted, seconds, new_tokens / seconds if seconds > 0 else 0.0,
+            first - submitted, seconds, new_tokens / seconds if seconds > 0 else 0.0, max(r.peak_batch for r in rows),
             ",".join(str(r.finish_reason) for r in rows), extra,
         )
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int:
+    """Where the earliest stop string starts in `text`, or -1."""
+    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)

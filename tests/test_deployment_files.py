@@ -27,7 +27,7 @@ def test_instance_holds_bf16_weights_and_a_full_kv_cache():
     weights = MIXTRAL_PARAMETERS * 2
     head_dim = c["hidden_size"] // c["num_attention_heads"]
     kv_per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * 2  # k and v, bf16
-    batch = int(deployment["environment_variables"]["MIXTRAL_MAX_PROMPTS"])
+    batch = int(deployment["environment_variables"]["MIXTRAL_MAX_BATCH_SIZE"])
     cache = batch * c["max_position_embeddings"] * kv_per_token
     assert weights + cache < SKU_GPU_GB[deployment["instance_type"]] * 1e9 * 0.95
 
@@ -43,10 +43,19 @@ def test_timeouts_and_probes_allow_a_load_of_minutes():
         assert p["initial_delay"] + p["period"] * p["failure_threshold"] > load_seconds, probe
 
 
-def test_concurrency_matches_the_servers_threads():
+def test_concurrency_matches_the_servers_threads_and_queue():
     deployment = load("deployment.yml")
-    threads = int(re.search(r"--threads (\d+)", deployment["environment_variables"]["GUNICORN_CMD_ARGS"])[1])
+    env = deployment["environment_variables"]
+    threads = int(re.search(r"--threads (\d+)", env["GUNICORN_CMD_ARGS"])[1])
     assert deployment["request_settings"]["max_concurrent_requests_per_instance"] == threads
+    # Every request Azure lets in reaches run(): generating or waiting in the bounded queue.
+    assert threads == int(env["MIXTRAL_MAX_BATCH_SIZE"]) + int(env["MIXTRAL_MAX_QUEUE"])
+
+
+def test_deadline_ends_generation_before_the_gateway_gives_up():
+    deployment = load("deployment.yml")
+    deadline_ms = float(deployment["environment_variables"]["MIXTRAL_REQUEST_TIMEOUT_S"]) * 1000
+    assert deadline_ms < deployment["request_settings"]["request_timeout_ms"]
 
 
 def test_deployment_points_at_this_repository():
