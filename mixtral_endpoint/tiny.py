@@ -33,14 +33,19 @@ def tiny_config() -> MixtralConfig:
     return MixtralConfig(**{**real, **TINY_SIZES}, architectures=["MixtralForCausalLM"])
 
 
-def build_tiny(out: Path) -> Path:
-    """Writes the tiny checkpoint to `out`, deterministically, and returns `out`."""
+def tiny_model() -> MixtralForCausalLM:
+    """The tiny Mixtral's weights, deterministically, in bfloat16 as a real checkpoint stores them."""
     torch.manual_seed(SEED)
     model = MixtralForCausalLM(tiny_config())
     with torch.no_grad():
         # Default init (std 0.02) gives near-tied logits, so padding noise could flip greedy picks.
         model.lm_head.weight.normal_(0.0, LOGIT_SCALE)
-    model = model.to(torch.bfloat16)
+    return model.to(torch.bfloat16)
+
+
+def build_tiny(out: Path) -> Path:
+    """Writes the tiny checkpoint to `out`, deterministically, and returns `out`."""
+    model = tiny_model()
     if out.exists():
         shutil.rmtree(out)
     model.save_pretrained(out, max_shard_size=SHARD_SIZE)

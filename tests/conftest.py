@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 
 from mixtral_endpoint.checkpoint import inspect_checkpoint
 from mixtral_endpoint.config import ServerConfig
+from mixtral_endpoint.localserver import LocalServer
 from mixtral_endpoint.packaging import package_model
 from mixtral_endpoint.service import Scorer
 from mixtral_endpoint.tiny import build_tiny
 from mixtral_endpoint.tokenizer import PromptTokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 # Small limits so the tests can reach every one of them cheaply.
 SERVER_ENV = {
     "MIXTRAL_MAX_NEW_TOKENS": "64",
@@ -70,47 +63,6 @@ def mlflow_model(azureml_models: Path) -> Path:
     return azureml_models / "model"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_dir: Path, log_path: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    environ = {**os.environ, **SERVER_ENV, **(env or {}), "AZUREML_MODEL_DIR": str(model_dir),
-               "GUNICORN_CMD_ARGS": "--threads 4"}
-    log = log_path.open("wb")
-    process = subprocess.Popen(
-        [str(BIN / "azmlinfsrv"), "--entry_script", str(ROOT / "score.py"), "--port", str(port)],
-        cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    return process, f"http://127.0.0.1:{port}"
-
-
-def wait_ready(process: subprocess.Popen, url: str, timeout: float = 120) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return False
-        try:
-            if requests.get(url + "/", timeout=5).ok:
-                return True
-        except (requests.ConnectionError, requests.Timeout):
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"azmlinfsrv at {url} not ready after {timeout}s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 @pytest.fixture(scope="session")
 def server_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("server") / "azmlinfsrv.log"
@@ -119,11 +71,5 @@ def server_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def server(azureml_models: Path, server_log: Path) -> Iterator[str]:
     """A real azmlinfsrv process serving score.py over the tiny model on a free loopback port."""
-    log_path = server_log
-    process, url = start_server(azureml_models, log_path)
-    try:
-        if not wait_ready(process, url):
-            pytest.fail(f"azmlinfsrv exited during start-up:\n{log_path.read_text()[-4000:]}")
-        yield url
-    finally:
-        stop(process)
+    with LocalServer(azureml_models, server_log, {**SERVER_ENV, "GUNICORN_CMD_ARGS": "--threads 4"}) as server:
+        yield server.url

@@ -9,9 +9,10 @@ import pytest
 import requests
 from jsonschema import Draft202012Validator
 
+from mixtral_endpoint.localserver import LocalServer
 from mixtral_endpoint.protocol import load_schema
 
-from .conftest import start_server, stop, wait_ready
+from .conftest import SERVER_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 RESPONSE = Draft202012Validator(load_schema("response"))
@@ -118,9 +119,9 @@ def test_one_log_line_per_request_without_the_prompt(server: str, server_log: Pa
 
 def test_init_fails_fast_when_the_model_folder_is_missing(tmp_path: Path):
     """No model: the worker does not boot and the server exits rather than answering with garbage."""
-    process, url = start_server(tmp_path / "missing", tmp_path / "log.txt")
+    server = LocalServer(tmp_path / "missing", tmp_path / "log.txt", SERVER_ENV)
     try:
-        assert wait_ready(process, url, timeout=90) is False
+        assert server.wait_ready(timeout=90) is False
         assert "no MLmodel file" in (tmp_path / "log.txt").read_text()
     finally:
-        stop(process)
+        server.stop()

@@ -14,7 +14,9 @@ import psutil
 import pytest
 import requests
 
-from .conftest import start_server, stop, wait_ready
+from mixtral_endpoint.localserver import LocalServer
+
+from .conftest import SERVER_ENV
 
 CHAT = [{"role": "user", "content": "What is so great about the Eiffel Tower?"}]
 
@@ -42,15 +44,10 @@ def events(response: requests.Response) -> list[object]:
 def tight_server(azureml_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     """A server with room for 2 rows generating and 2 waiting, a 0.3 s deadline, and 16 threads."""
     log = tmp_path_factory.mktemp("tight") / "azmlinfsrv.log"
-    process, url = start_server(azureml_models, log, {
-        "MIXTRAL_MAX_BATCH_SIZE": "2", "MIXTRAL_MAX_QUEUE": "2", "MIXTRAL_MAX_PROMPTS": "2",
-        "MIXTRAL_REQUEST_TIMEOUT_S": "0.3", "GUNICORN_CMD_ARGS": "--threads 16",
-    })
-    try:
-        assert wait_ready(process, url), log.read_text()[-3000:]
-        yield url, process.pid
-    finally:
-        stop(process)
+    env = {**SERVER_ENV, "MIXTRAL_MAX_BATCH_SIZE": "2", "MIXTRAL_MAX_QUEUE": "2", "MIXTRAL_MAX_PROMPTS": "2",
+           "MIXTRAL_REQUEST_TIMEOUT_S": "0.3"}
+    with LocalServer(azureml_models, log, env, threads=16) as server:
+        yield server.url, server.process.pid
 
 
 REQUESTS = [
