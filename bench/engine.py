@@ -100,7 +100,7 @@ def main() -> None:
           f"({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, built in "
           f"{time.perf_counter() - started:.0f} s)", flush=True)
     engine = Engine(model, eos_id=2, context_window=model.config.max_position_embeddings)
-    scheduler = Scheduler(engine, max_batch=args.callers, max_queue=args.callers)
+    scheduler = Scheduler(lambda: engine, max_batch=args.callers, max_queue=args.callers)
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 32000, (args.prompt_tokens - i,), generator=generator).tolist()
                for i in range(args.callers)]  # slightly different lengths, as real callers have

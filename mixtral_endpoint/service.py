@@ -36,19 +36,21 @@ _GRACE_S = 30.0  # past a row's deadline, a wait this much longer means the sche
 
 
 class Scorer:
-    def __init__(self, engine: Engine, tokenizer: PromptTokenizer, config: ServerConfig) -> None:
-        self.engine = engine
+    def __init__(self, scheduler: Scheduler, tokenizer: PromptTokenizer, config: ServerConfig) -> None:
+        self.scheduler = scheduler
+        self.engine = scheduler.engine
         self.tokenizer = tokenizer
         self.config = config
-        window = engine.context_window
+        window = self.engine.context_window
         self.max_total_tokens = min(config.max_total_tokens, window) if config.max_total_tokens else window
-        self.scheduler = Scheduler(engine, max_batch=config.max_batch_size, max_queue=config.max_queue)
 
     @classmethod
     def load(cls, checkpoint_dir: Path, config: ServerConfig) -> Scorer:
         checkpoint = inspect_checkpoint(checkpoint_dir)
-        engine = Engine.load(checkpoint, plan_placement(config))
-        return cls(engine, PromptTokenizer(checkpoint_dir / "tokenizer.model"), config)
+        tokenizer = PromptTokenizer(checkpoint_dir / "tokenizer.model")
+        scheduler = Scheduler(lambda: Engine.load(checkpoint, plan_placement(config)),
+                              max_batch=config.max_batch_size, max_queue=config.max_queue)
+        return cls(scheduler, tokenizer, config)
 
     def score_body(self, body: bytes, *, request_id: str | None = None) -> Body | Iterator[str]:
         """Scores a raw HTTP body: size cap first, then JSON, then the request."""
