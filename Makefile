@@ -6,7 +6,7 @@ PORT ?= 5001
 THREADS ?= 24
 SOURCES := $(wildcard mixtral_endpoint/*.py) $(wildcard schemas/*.json)
 
-.PHONY: install model serve test lint sample-response clean
+.PHONY: install model serve test lint bench sample-response clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest
+
+# Benchmarks (not tests): ratios against baselines measured in the same run; figures go in the README.
+bench: install
+	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/engine.py --model tiny
 
 # Regenerates sample-response.json with the embedded model, then the swagger files that quote it.
 sample-response: model
