@@ -10,15 +10,25 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import (
+    INTERNAL_ERROR,
+    INVALID_PARAMETER_VALUE,
+    REQUEST_LIMIT_EXCEEDED,
+    TEMPORARILY_UNAVAILABLE,
+)
 from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
 from .config import ServerConfig
-from .errors import CheckpointError, InvalidRequest
+from .errors import CheckpointError, InvalidRequest, ScoringError
 from .protocol import load_schema
 from .service import Scorer
 
 CHECKPOINT_ARTIFACT = "checkpoint"
+_MLFLOW_CODES = {400: INVALID_PARAMETER_VALUE, 413: INVALID_PARAMETER_VALUE, 429: REQUEST_LIMIT_EXCEEDED,
+                 503: TEMPORARILY_UNAVAILABLE}
 _MLFLOW_TYPES = {"number": "double", "integer": "long", "boolean": "boolean", "string": "string"}
 
 
@@ -30,12 +40,26 @@ class MixtralModel(mlflow.pyfunc.PythonModel):
 
     # No type hints on model_input: MLflow would read them as a second, type-hint signature.
     def predict(self, context, model_input, params=None):  # noqa: ANN001
-        """One result per conversation or prompt, in order, as /score would render it."""
+        """One result per input row, in order, rendered as /score renders it.
+
+        The `input_data` object of a request is one row, so `predict(input_data, params)[0]` is
+        /score's answer. In a DataFrame, a row holding one text prompt gets that prompt's row
+        (`{"0": ..., "finish_reason", "usage"}`), and a row holding a conversation its chat response.
+        """
         parameters = {k: v for k, v in (params or {}).items() if v is not None}
-        if parameters.get("stream"):
-            raise InvalidRequest("stream is served by the /score endpoint, not MLflow predict", param="stream")
-        return [self.scorer.score({"input_data": {"input_string": item}, "parameters": parameters})
-                for item in input_items(model_input)]
+        try:
+            if parameters.get("stream"):
+                raise InvalidRequest("stream is served by the /score endpoint, not MLflow predict", param="stream")
+            results = []
+            for item in input_items(model_input):
+                payload = {"input_data": {"input_string": [item] if isinstance(item, str) else item},
+                           "parameters": parameters}
+                result = self.scorer.score(payload)
+                results.append(result[0] if isinstance(item, str) else result)
+            return results
+        except ScoringError as exc:
+            # MLflow's scoring server turns an MlflowException into its status and a JSON message.
+            raise MlflowException(exc.message, error_code=_MLFLOW_CODES.get(exc.status, INTERNAL_ERROR)) from None
 
 
 def load_scorer(model_dir: Path) -> Scorer:
@@ -73,7 +97,7 @@ def input_items(model_input: Any) -> list[Any]:
                              param="input_string")
     if column and all(isinstance(v, dict) for v in column):
         return [column]  # the messages of one conversation
-    return [[v] if isinstance(v, str) else v for v in column]
+    return [list(v) if isinstance(v, np.ndarray) else v for v in column]
 
 
 def signature() -> mlflow.models.ModelSignature:

@@ -7,6 +7,7 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 
 from mixtral_endpoint.errors import CheckpointError
 from mixtral_endpoint.protocol import load_schema
@@ -41,9 +42,29 @@ def test_predict_matches_the_core_for_a_conversation(loaded: mlflow.pyfunc.PyFun
 def test_predict_scores_a_dataframe_row_by_row(loaded: mlflow.pyfunc.PyFuncModel, scorer: Scorer):
     frame = pd.DataFrame({"input_string": ["Once upon a time", "The capital of France is"]})
     results = loaded.predict(frame, params={"max_new_tokens": 6})
-    expected = [scorer.score({"input_data": {"input_string": [p]}, "parameters": {"max_new_tokens": 6}})
+    expected = [scorer.score({"input_data": {"input_string": [p]}, "parameters": {"max_new_tokens": 6}})[0]
                 for p in frame["input_string"]]
     assert results == expected
+
+
+def test_predict_on_a_text_requests_input_data_is_the_score_answer(loaded: mlflow.pyfunc.PyFuncModel,
+                                                                   scorer: Scorer):
+    request = {"input_data": {"input_string": ["Once upon a time", "x"]}, "parameters": {"max_new_tokens": 5}}
+    assert loaded.predict(request["input_data"], params=request["parameters"]) == [scorer.score(request)]
+
+
+def test_predict_scores_one_conversation_per_dataframe_row(loaded: mlflow.pyfunc.PyFuncModel, scorer: Scorer):
+    second = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    frame = pd.DataFrame({"input_string": [CONVERSATION, second]})
+    results = loaded.predict(frame, params={"max_new_tokens": 4})
+    assert results == [scorer.score({"input_data": {"input_string": c}, "parameters": {"max_new_tokens": 4}})
+                       for c in (CONVERSATION, second)]
+
+
+def test_bad_input_is_an_mlflow_error_with_a_400_code(loaded: mlflow.pyfunc.PyFuncModel):
+    with pytest.raises(MlflowException) as caught:
+        loaded.predict({"input_string": [{"role": "assistant", "content": "x"}]})
+    assert caught.value.get_http_status_code() == 400 and "role" in caught.value.message
 
 
 def test_find_mlmodel_accepts_the_folder_or_one_level_down(azureml_models: Path, tmp_path: Path):
