@@ -1,0 +1,84 @@
+"""`mlflow models serve` on model/: MLflow's own scoring server answers /invocations as /score does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from mixtral_endpoint.localserver import free_port
+
+from .conftest import SERVER_ENV
+
+BIN = Path(sys.executable).parent
+CONVERSATION = [{"role": "user", "content": "What is so great about the Eiffel Tower?"}]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(mlflow_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log = (tmp_path_factory.mktemp("mlflow-serve") / "serve.log").open("wb")
+    env = {**os.environ, **SERVER_ENV, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", str(mlflow_model), "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if requests.get(url + "/ping", timeout=5).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        assert process.poll() is None, f"mlflow models serve exited: {Path(log.name).read_text()[-3000:]}"
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def invoke(url: str, body: dict) -> requests.Response:
+    return requests.post(url + "/invocations", json=body, timeout=120)
+
+
+def test_inputs_and_params_body_gives_the_score_answer(mlflow_server: str, scorer):
+    response = invoke(mlflow_server, {"inputs": {"input_string": CONVERSATION},
+                                      "params": {"max_new_tokens": 6, "return_full_text": True}})
+    assert response.status_code == 200, response.text
+    request = {"input_data": {"input_string": CONVERSATION},
+               "parameters": {"max_new_tokens": 6, "return_full_text": True}}
+    assert response.json() == {"predictions": [scorer.score(request)]}
+
+
+def test_dataframe_split_scores_one_prompt_per_row(mlflow_server: str, scorer):
+    prompts = ["Once upon a time", "The capital of France is", "x"]
+    response = invoke(mlflow_server, {"dataframe_split": {"columns": ["input_string"], "data": [[p] for p in prompts]},
+                                      "params": {"max_new_tokens": 5}})
+    assert response.status_code == 200, response.text
+    expected = [scorer.score({"input_data": {"input_string": [p]}, "parameters": {"max_new_tokens": 5}})[0]
+                for p in prompts]
+    assert response.json() == {"predictions": expected}
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    ({"inputs": {"input_string": [{"role": "assistant", "content": "x"}]}}, "role"),
+    ({"inputs": {"input_string": ["hi"]}, "params": {"temperature": -1}}, "parameters.temperature must be >= 0"),
+    ({"inputs": {"input_string": ["hi"]}, "params": {"temperature": "hot"}}, "temperature"),
+    ({"inputs": {"input_string": ["hi"]}, "params": {"max_new_tokens": 100_000}}, "max_new_tokens"),
+    ({"inputs": {"prompt": ["hi"]}}, "input_string"),
+])
+def test_bad_input_gets_a_4xx_with_a_message(mlflow_server: str, body: dict, words: str):
+    response = invoke(mlflow_server, body)
+    assert 400 <= response.status_code < 500, response.text
+    assert words in response.json()["message"]
+    assert "Traceback" not in response.text
