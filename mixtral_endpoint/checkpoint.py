@@ -68,8 +68,9 @@ def inspect_checkpoint(path: Path) -> Checkpoint:
     config = _read_json(path / "config.json")
     if config.get("model_type") != "mixtral":
         raise CheckpointError(f"{path / 'config.json'}: model_type is {config.get('model_type')!r}, not 'mixtral'")
-    if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
-        raise CheckpointError(f"{path} holds pickle weights (*.bin/*.pt); only safetensors are loaded")
+    pickles = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.pkl") for p in path.glob(pattern))
+    if pickles:
+        raise CheckpointError(f"{path / pickles[0]} is a pickle file; only safetensors are loaded, never pickle")
     index = _read_json(path / INDEX_FILE)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:

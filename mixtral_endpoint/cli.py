@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     package = commands.add_parser("package", help="package a Mixtral checkpoint directory as an MLflow model")
     package.add_argument("--checkpoint", type=Path, required=True)
     package.add_argument("--out", type=Path, default=Path("model"))
+    package.add_argument("--reference", action="store_true",
+                         help="point at the checkpoint instead of copying it into the model")
 
     build = commands.add_parser("build-model", help="build the tiny Mixtral and package it into --out")
     build.add_argument("--out", type=Path, default=Path("model"))
@@ -52,7 +54,7 @@ def _build_tiny(args: argparse.Namespace) -> int:
 def _package(args: argparse.Namespace) -> int:
     from .packaging import package_model
 
-    print(package_model(args.checkpoint, args.out))
+    print(package_model(args.checkpoint, args.out, reference=args.reference))
     return 0
 
 

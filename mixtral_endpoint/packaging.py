@@ -4,31 +4,44 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import mlflow.pyfunc
 
 from .checkpoint import inspect_checkpoint
-from .pyfunc import CHECKPOINT_ARTIFACT, signature
+from .pyfunc import CHECKPOINT_ARTIFACT, REFERENCE_ARTIFACT, signature
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SAMPLE_REQUEST = PACKAGE_DIR.parent / "sample-request.json"
 
 
-def package_model(checkpoint_dir: Path, out: Path) -> Path:
-    """Saves the MLflow model to `out`, copying the checkpoint in as an artifact."""
+def package_model(checkpoint_dir: Path, out: Path, *, reference: bool = False) -> Path:
+    """Saves the MLflow model to `out`, after checking the checkpoint directory.
+
+    By copy (the default) the checkpoint becomes an artifact inside `out`, so the folder is
+    self-contained (what `az ml model create --path model` uploads). By reference `out` holds only
+    the checkpoint's absolute path: no 93 GB copy, but the path must exist wherever it is served.
+    """
     inspect_checkpoint(checkpoint_dir)
     if out.exists():
         shutil.rmtree(out)
     example = json.loads(SAMPLE_REQUEST.read_text())
-    mlflow.pyfunc.save_model(
-        path=str(out),
-        python_model=str(PACKAGE_DIR / "model_code.py"),
-        artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_dir)},
-        code_paths=[str(PACKAGE_DIR), str(PACKAGE_DIR.parent / "schemas")],
-        signature=signature(),
-        input_example=({"input_string": example["input_data"]["input_string"]}, example["parameters"]),
-        pip_requirements=str(PACKAGE_DIR.parent / "requirements.txt"),
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        if reference:
+            pointer = Path(tmp) / "checkpoint-reference.json"
+            pointer.write_text(json.dumps({"path": str(checkpoint_dir.resolve())}) + "\n")
+            artifacts = {REFERENCE_ARTIFACT: str(pointer)}
+        else:
+            artifacts = {CHECKPOINT_ARTIFACT: str(checkpoint_dir)}
+        mlflow.pyfunc.save_model(
+            path=str(out),
+            python_model=str(PACKAGE_DIR / "model_code.py"),
+            artifacts=artifacts,
+            code_paths=[str(PACKAGE_DIR), str(PACKAGE_DIR.parent / "schemas")],
+            signature=signature(),
+            input_example=({"input_string": example["input_data"]["input_string"]}, example["parameters"]),
+            pip_requirements=str(PACKAGE_DIR.parent / "requirements.txt"),
+        )
     return out
 

@@ -5,6 +5,7 @@ Saved as "models from code" (`model_code.py`), so `model/` holds no pickle.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from .errors import CheckpointError, InvalidRequest, ScoringError
 from .protocol import load_schema
 from .service import Scorer
 
-CHECKPOINT_ARTIFACT = "checkpoint"
+CHECKPOINT_ARTIFACT = "checkpoint"  # the checkpoint folder, copied into the model
+REFERENCE_ARTIFACT = "checkpoint_reference"  # a JSON file naming the checkpoint folder elsewhere
 _MLFLOW_CODES = {400: INVALID_PARAMETER_VALUE, 413: INVALID_PARAMETER_VALUE, 429: REQUEST_LIMIT_EXCEEDED,
                  503: TEMPORARILY_UNAVAILABLE}
 _MLFLOW_TYPES = {"number": "double", "integer": "long", "boolean": "boolean", "string": "string"}
@@ -36,7 +38,7 @@ class MixtralModel(mlflow.pyfunc.PythonModel):
     scorer: Scorer
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        self.scorer = Scorer.load(Path(context.artifacts[CHECKPOINT_ARTIFACT]), ServerConfig.from_env(os.environ))
+        self.scorer = Scorer.load(checkpoint_dir(context.artifacts), ServerConfig.from_env(os.environ))
 
     # No type hints on model_input: MLflow would read them as a second, type-hint signature.
     def predict(self, context, model_input, params=None):  # noqa: ANN001
@@ -60,6 +62,12 @@ class MixtralModel(mlflow.pyfunc.PythonModel):
         except ScoringError as exc:
             # MLflow's scoring server turns an MlflowException into its status and a JSON message.
             raise MlflowException(exc.message, error_code=_MLFLOW_CODES.get(exc.status, INTERNAL_ERROR)) from None
+
+
+def checkpoint_dir(artifacts: dict[str, str]) -> Path:
+    if CHECKPOINT_ARTIFACT in artifacts:
+        return Path(artifacts[CHECKPOINT_ARTIFACT])
+    return Path(json.loads(Path(artifacts[REFERENCE_ARTIFACT]).read_text())["path"])
 
 
 def load_scorer(model_dir: Path) -> Scorer:

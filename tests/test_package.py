@@ -1,0 +1,84 @@
+"""`mixtral-endpoint package`: a checkpoint directory becomes the MLflow model, by copy or by reference."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow.pyfunc
+import pytest
+
+from mixtral_endpoint.cli import main
+
+BIN = Path(sys.executable).parent
+PROMPT = {"input_string": ["Once upon a time"]}
+
+
+@pytest.fixture
+def broken(tiny_checkpoint: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+
+
+def test_package_by_reference_holds_no_weights_and_answers_like_the_copy(tiny_checkpoint: Path, tmp_path: Path,
+                                                                          mlflow_model: Path):
+    out = tmp_path / "by-reference"
+    done = subprocess.run([str(BIN / "mixtral-endpoint"), "package", "--checkpoint", str(tiny_checkpoint),
+                           "--out", str(out), "--reference"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not list(out.rglob("*.safetensors"))
+    assert sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) < 1_000_000
+    pointer = next(out.rglob("checkpoint-reference.json"))
+    assert json.loads(pointer.read_text())["path"] == str(tiny_checkpoint.resolve())
+    params = {"max_new_tokens": 5}
+    by_reference = mlflow.pyfunc.load_model(str(out)).predict(PROMPT, params=params)
+    by_copy = mlflow.pyfunc.load_model(str(mlflow_model)).predict(PROMPT, params=params)
+    assert by_reference == by_copy
+
+
+def test_package_by_copy_is_self_contained(mlflow_model: Path, tiny_checkpoint: Path):
+    copied = sorted(p.name for p in mlflow_model.rglob("*.safetensors"))
+    assert copied == sorted(p.name for p in tiny_checkpoint.glob("*.safetensors"))
+
+
+def break_shard(path: Path) -> None:
+    (path / "model-00002-of-00003.safetensors").unlink()
+
+
+def break_config(path: Path) -> None:
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+
+
+def pickle_only(path: Path) -> None:
+    for shard in path.glob("*.safetensors"):
+        shard.unlink()
+    (path / "model.safetensors.index.json").unlink()
+    (path / "pytorch_model.bin").write_bytes(b"\x80\x04")
+
+
+def no_tokenizer(path: Path) -> None:
+    (path / "tokenizer.model").unlink()
+
+
+def broken_index(path: Path) -> None:
+    (path / "model.safetensors.index.json").write_text("{not json")
+
+
+@pytest.mark.parametrize(("damage", "named"), [
+    (break_shard, "model-00002-of-00003.safetensors"),
+    (break_config, "config.json"),
+    (pickle_only, "pytorch_model.bin"),
+    (no_tokenizer, "tokenizer.model"),
+    (broken_index, "model.safetensors.index.json"),
+])
+def test_a_broken_checkpoint_is_refused_naming_the_file(broken: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                        damage, named: str):  # noqa: ANN001
+    damage(broken)
+    out = tmp_path / "model"
+    assert main(["package", "--checkpoint", str(broken), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and named in error
+    assert not out.exists()
