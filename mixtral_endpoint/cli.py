@@ -35,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("swagger", help="write swagger2.json and swagger3.json from schemas/")
 
+    batch = commands.add_parser("batch", help="score JSONL files, one request per line; resumable")
+    batch.add_argument("inputs", nargs="+", help="JSONL files: one request per line, optionally with an id")
+    batch.add_argument("--output", type=Path, required=True, help="JSONL rows; rerun with the same arguments to resume")
+    batch.add_argument("--model", type=Path, default=Path("model"))
+    batch.add_argument("--workers", type=int, default=0, help="lines in flight (default: batch size + queue)")
+    batch.add_argument("--no-progress", action="store_true")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -85,10 +92,22 @@ def _swagger(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch(args: argparse.Namespace) -> int:
+    from .batch import run_local
+    from .pyfunc import load_scorer
+
+    scorer = load_scorer(args.model)
+    workers = args.workers or scorer.config.max_batch_size + scorer.config.max_queue
+    summary = run_local(scorer, args.inputs, args.output, workers=workers, progress=not args.no_progress)
+    print(json.dumps(summary))
+    return 0
+
+
 _COMMANDS = {
     "build-tiny": _build_tiny,
     "package": _package,
     "build-model": _build_model,
     "sample-response": _sample_response,
     "swagger": _swagger,
+    "batch": _batch,
 }

@@ -25,11 +25,12 @@ log = logging.getLogger(__name__)
 
 class Scheduler:
     def __init__(self, load: Callable[[], Engine], *, max_batch: int, max_queue: int,
-                 retry_after_s: int = 2) -> None:
+                 retry_after_s: int = 2, admit_after_s: float = 0.05) -> None:
         """Starts the engine thread, which calls `load`; returns once it has (raising what it raised)."""
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.retry_after_s = retry_after_s
+        self.admit_after_s = admit_after_s
         self._waiting: collections.deque[Row] = collections.deque()
         self._running = 0
         self._wake = threading.Condition()
@@ -95,6 +96,8 @@ class Scheduler:
             while batch is None and not self._waiting:
                 self._wake.wait()
             room = self.max_batch - (len(batch.rows) if batch else 0)
+            if batch is not None and not self._worth_a_prefill(room):
+                return []
             admitted = []
             while self._waiting and len(admitted) < room:
                 row = self._waiting.popleft()
@@ -103,6 +106,14 @@ class Scheduler:
                     continue
                 admitted.append(row)
             return admitted
+
+    def _worth_a_prefill(self, room: int) -> bool:
+        """Joining costs a prefill pass, so a running batch takes newcomers in groups: once half of it
+        is free, or once the oldest newcomer has waited `admit_after_s`."""
+        if not self._waiting or room == 0:
+            return False
+        waited = time.monotonic() - self._waiting[0].submitted_at
+        return room >= max(1, self.max_batch // 2) or waited >= self.admit_after_s
 
 
 def _fail(rows: Sequence[Row], error: Exception) -> None:

@@ -1,0 +1,31 @@
+"""Azure ML batch-endpoint entry script: init() loads model/ once, run(mini_batch) scores JSONL files.
+
+Each file holds one request per line (optionally with an `id`). run() returns one JSON row per
+input line, {"file", "line", "id", "response" | "error"}, which `output_action: append_row`
+writes to the job's output file; a bad line is an error row and never fails the mini-batch.
+"""
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from mixtral_endpoint.batch import read_lines, score_lines
+from mixtral_endpoint.pyfunc import load_scorer
+from mixtral_endpoint.service import Scorer
+
+log = logging.getLogger("mixtral_endpoint.batch_score")
+scorer: Scorer | None = None
+
+
+def init() -> None:
+    global scorer
+    scorer = load_scorer(Path(os.environ.get("AZUREML_MODEL_DIR", "model")))
+
+
+def run(mini_batch: list[str]) -> list[str]:
+    assert scorer is not None, "init() has not run"
+    workers = scorer.config.max_batch_size + scorer.config.max_queue
+    rows = [json.dumps(row, ensure_ascii=False) for row in score_lines(scorer, read_lines(mini_batch), workers=workers)]
+    log.info("scored %d rows from %d files", len(rows), len(mini_batch))
+    return rows

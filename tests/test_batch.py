@@ -1,0 +1,104 @@
+"""Batch scoring: the Azure batch entry script and the resumable local command, on real JSONL files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mixtral_endpoint.batch import read_lines, score_lines
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def request(i: int, **parameters: object) -> dict:
+    return {"id": f"req-{i}", "input_data": {"input_string": [f"Prompt number {i}"]},
+            "parameters": {"max_new_tokens": 6, **parameters}}
+
+
+def write_jsonl(path: Path, lines: list[object]) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> list[Path]:
+    good = write_jsonl(tmp_path / "good.jsonl", [request(i) for i in range(5)])
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [
+        request(10), "{not json", "", {"input_data": {"input_string": [{"role": "assistant", "content": "x"}]}},
+        request(11, max_new_tokens=10_000), {"id": 7, "input_data": {"input_string": [{"role": "user", "content": "Hi"}]}},
+    ])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    return [good, mixed, empty, tmp_path / "missing.jsonl"]
+
+
+def test_every_line_gets_one_row_and_bad_lines_are_error_rows(scorer, inputs: list[Path]):
+    rows = list(score_lines(scorer, read_lines(map(str, inputs)), workers=4))
+    by_key = {(Path(r["file"]).name, r["line"]): r for r in rows}
+    assert len(by_key) == len(rows) == 5 + 5 + 1 + 1
+    for i in range(5):
+        row = by_key[("good.jsonl", i + 1)]
+        assert row["id"] == f"req-{i}"
+        payload = request(i)
+        del payload["id"]
+        assert row["response"] == scorer.score(payload)
+    assert by_key[("mixed.jsonl", 2)]["error"]["message"].startswith("the request body is not valid JSON")
+    assert by_key[("mixed.jsonl", 4)]["error"]["param"] == "input_data.input_string[0].role"
+    assert by_key[("mixed.jsonl", 5)]["error"]["param"] == "parameters.max_new_tokens"
+    assert by_key[("mixed.jsonl", 6)]["id"] == 7 and "output" in by_key[("mixed.jsonl", 6)]["response"]
+    assert "empty" in by_key[("empty.jsonl", 0)]["error"]["message"]
+    assert "cannot read" in by_key[("missing.jsonl", 0)]["error"]["message"]
+    assert ("mixed.jsonl", 3) not in by_key  # blank lines are not requests
+
+
+def test_azure_batch_entry_script_returns_one_row_per_line(azureml_models: Path, inputs: list[Path],
+                                                           monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("AZUREML_MODEL_DIR", str(azureml_models))
+    spec = importlib.util.spec_from_file_location("batch_score", ROOT / "batch_score.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    entry.init()
+    rows = [json.loads(r) for r in entry.run([str(p) for p in inputs])]
+    assert len(rows) == 12
+    assert sum("error" in r for r in rows) == 5 and sum("response" in r for r in rows) == 7
+
+
+def run_batch(args: list[str], **kwargs: object) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "mixtral-endpoint"), "batch", *args, "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_killed_and_restarted_the_output_has_every_line_exactly_once(mlflow_model: Path, tmp_path: Path):
+    source = write_jsonl(tmp_path / "in.jsonl", [request(i, max_new_tokens=24) for i in range(60)])
+    output = tmp_path / "out.jsonl"
+    args = [str(source), "--output", str(output), "--model", str(mlflow_model), "--workers", "4"]
+    first = run_batch(args)
+    deadline = time.monotonic() + 120
+    while (not output.exists() or output.read_text().count("\n") < 8) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    done_before = output.read_text().count("\n")
+    assert 8 <= done_before < 60
+    with output.open("a") as f:
+        f.write('{"file": "half a row cut by the ki')  # a kill in the middle of a write
+    second = run_batch(args)
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["skipped"] == done_before and summary["rows"] == 60 - done_before
+    assert summary["rows_per_s"] > 0 and summary["tokens_per_s"] > 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(r["line"] for r in rows) == list(range(1, 61))
+    assert all(r["response"][0]["usage"]["completion_tokens"] == 24 for r in rows)
+    again = run_batch(args)
+    out, _ = again.communicate(timeout=120)
+    assert json.loads(out.strip().splitlines()[-1])["rows"] == 0
