@@ -72,3 +72,25 @@ def test_conda_environment_pins_what_the_project_installs():
                     if line.strip() and not line.startswith("#")]
     assert sorted(pip) == sorted(requirements)
     assert all("==" in r for r in requirements)
+
+
+def test_the_azure_ml_sdk_loads_every_deployment_file():
+    from azure.ai.ml import load_batch_deployment, load_batch_endpoint, load_online_deployment, load_online_endpoint
+
+    online = load_online_deployment(ROOT / "deployment.yml")
+    assert online.instance_type == load("deployment.yml")["instance_type"]
+    assert online.environment.conda_file["name"] == load("conda.yaml")["name"]
+    assert load_online_endpoint(ROOT / "endpoint.yml").auth_mode == "key"
+    batch = load_batch_deployment(ROOT / "batch-deployment.yml")
+    assert batch.endpoint_name == load_batch_endpoint(ROOT / "batch-endpoint.yml").name
+    assert batch.output_action == "append_row" and batch.code_configuration.scoring_script == "batch_score.py"
+
+
+def test_batch_deployment_fits_one_model_copy_per_node_and_never_fails_on_a_bad_line():
+    batch = load("batch-deployment.yml")
+    assert batch["max_concurrency_per_instance"] == 1
+    assert batch["error_threshold"] == -1
+    # The first run() on a node loads the model: its timeout must outlast the load.
+    assert batch["retry_settings"]["timeout"] > MIXTRAL_PARAMETERS * 2 / 200e6
+    env = batch["environment_variables"]
+    assert int(env["MIXTRAL_MAX_BATCH_SIZE"]) * 32768 * 131072 + MIXTRAL_PARAMETERS * 2 < 160e9 * 0.95
