@@ -4,7 +4,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 5001
 THREADS ?= 24
-SOURCES := $(wildcard mixtral_endpoint/*.py) $(wildcard schemas/*.json)
 
 .PHONY: install model serve test lint bench sample-response clean
 
@@ -16,10 +15,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt pyproj
 	$(BIN)/python -m pip install -q -c constraints.txt -r requirements-dev.txt -e .
 	touch $@
 
-# The embedded tiny Mixtral, packaged as an MLflow model (rebuilt when the package changes).
+# The embedded tiny Mixtral, packaged as an MLflow model, when model/ holds no model yet: a real
+# checkpoint packaged there is never overwritten (`make clean` empties model/).
 model: model/MLmodel
 
-model/MLmodel: $(VENV)/.installed $(SOURCES)
+model/MLmodel: | $(VENV)/.installed
 	$(BIN)/mixtral-endpoint build-model --out model
 
 # Azure mounts a registered model at azureml-models/<name>/<version>; serve it the same way.
@@ -37,6 +37,7 @@ test: lint
 # Benchmarks (not tests): ratios against baselines measured in the same run; figures go in the README.
 bench: install
 	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/batch.py
 	$(BIN)/python bench/engine.py --model tiny
 
 # Regenerates sample-response.json with the embedded model, then the swagger files that quote it.
@@ -45,4 +46,4 @@ sample-response: model
 	$(BIN)/mixtral-endpoint swagger
 
 clean:
-	rm -rf model/* .azureml-models
+	rm -rf model .azureml-models
