@@ -52,6 +52,7 @@ class Checkpoint:
     shards: tuple[Path, ...]
     parameters: int  # total number of weights
     stored_bytes: int  # bytes of tensor data in the shards
+    bytes_by_dtype: dict[str, int]  # stored bytes per safetensors dtype
 
     @property
     def context_window(self) -> int:
@@ -77,21 +78,24 @@ def inspect_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path / INDEX_FILE}: no weight_map")
     shards = tuple(path / name for name in sorted(set(weight_map.values())))
     parameters = stored = 0
+    by_dtype: dict[str, int] = {}
     for shard in shards:
         if not shard.is_file():
             raise CheckpointError(f"{shard} is named in {INDEX_FILE} but does not exist")
-        for name, (count, nbytes) in _tensor_sizes(shard).items():
+        for name, (count, nbytes, dtype) in _tensor_sizes(shard).items():
             if weight_map.get(name) != shard.name:
                 raise CheckpointError(f"{shard}: tensor {name} is not mapped to this shard in {INDEX_FILE}")
             parameters += count
             stored += nbytes
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
     if not (path / TOKENIZER_FILE).is_file():
         raise CheckpointError(f"{path / TOKENIZER_FILE} is missing (Mixtral's SentencePiece tokenizer)")
-    return Checkpoint(path=path, config=config, shards=shards, parameters=parameters, stored_bytes=stored)
+    return Checkpoint(path=path, config=config, shards=shards, parameters=parameters, stored_bytes=stored,
+                      bytes_by_dtype=by_dtype)
 
 
-def _tensor_sizes(shard: Path) -> dict[str, tuple[int, int]]:
-    """name -> (element count, byte count), from the safetensors header; checks the file's length."""
+def _tensor_sizes(shard: Path) -> dict[str, tuple[int, int, str]]:
+    """name -> (element count, byte count, dtype), from the safetensors header; checks the file's length."""
     size = shard.stat().st_size
     with shard.open("rb") as f:
         prefix = f.read(8)
@@ -104,7 +108,7 @@ def _tensor_sizes(shard: Path) -> dict[str, tuple[int, int]]:
             header = json.loads(f.read(header_len))
         except ValueError:
             raise CheckpointError(f"{shard}: the safetensors header is not valid JSON") from None
-    sizes: dict[str, tuple[int, int]] = {}
+    sizes: dict[str, tuple[int, int, str]] = {}
     end = 0
     for name, info in header.items():
         if name == "__metadata__":
@@ -115,7 +119,7 @@ def _tensor_sizes(shard: Path) -> dict[str, tuple[int, int]]:
         begin, stop = info["data_offsets"]
         if stop - begin != count * DTYPE_BYTES.get(info["dtype"], 0):
             raise CheckpointError(f"{shard}: tensor {name} has a {info['dtype']} size that does not match its shape")
-        sizes[name] = (count, stop - begin)
+        sizes[name] = (count, stop - begin, info["dtype"])
         end = max(end, stop)
     if size < 8 + header_len + end:
         raise CheckpointError(f"{shard} is truncated: {size} bytes, the header says {8 + header_len + end}")

@@ -35,6 +35,16 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("swagger", help="write swagger2.json and swagger3.json from schemas/")
 
+    sizing = commands.add_parser("plan", help="size a checkpoint for a machine from config and safetensors headers")
+    sizing.add_argument("--checkpoint", type=Path, required=True)
+    sizing.add_argument("--gpus", type=int, default=0, help="GPUs per instance (0: CPU only)")
+    sizing.add_argument("--gpu-memory", default="80GiB", help="memory of each GPU, e.g. 80GiB")
+    sizing.add_argument("--cpu-memory", default="0", help="CPU memory for offloaded weights (CPU only: all of it)")
+    sizing.add_argument("--disk", default="0", help="disk for offloaded weights")
+    sizing.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    sizing.add_argument("--batch", type=int, default=8, help="rows generated together (MIXTRAL_MAX_BATCH_SIZE)")
+    sizing.add_argument("--tokens", type=int, default=0, help="tokens per row (default: the context window)")
+
     batch = commands.add_parser("batch", help="score JSONL files, one request per line; resumable")
     batch.add_argument("inputs", nargs="+", help="JSONL files: one request per line, optionally with an id")
     batch.add_argument("--output", type=Path, required=True, help="JSONL rows; rerun with the same arguments to resume")
@@ -92,6 +102,23 @@ def _swagger(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from accelerate.utils import convert_file_size_to_int
+
+    from .checkpoint import inspect_checkpoint
+    from .placement import Devices, describe, plan
+
+    checkpoint = inspect_checkpoint(args.checkpoint)
+    tokens = args.tokens or checkpoint.context_window
+    def nbytes(text: str) -> int:
+        return int(text) if text.isdigit() else convert_file_size_to_int(text)
+
+    devices = Devices((nbytes(args.gpu_memory),) * args.gpus, nbytes(args.cpu_memory), nbytes(args.disk))
+    result = plan(checkpoint, devices, dtype=args.dtype, rows=args.batch, tokens=tokens)
+    print(describe(checkpoint, devices, result, rows=args.batch, tokens=tokens))
+    return 0 if result.fits else 1
+
+
 def _batch(args: argparse.Namespace) -> int:
     from .batch import run_local
     from .pyfunc import load_scorer
@@ -110,4 +137,5 @@ _COMMANDS = {
     "sample-response": _sample_response,
     "swagger": _swagger,
     "batch": _batch,
+    "plan": _plan,
 }

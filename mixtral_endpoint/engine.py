@@ -21,7 +21,8 @@ import torch
 from transformers import DynamicCache, MixtralForCausalLM
 
 from .checkpoint import Checkpoint
-from .placement import Placement, check_fits
+from .errors import DoesNotFit
+from .placement import Plan
 from .sampler import choose_tokens, new_generator
 from .sampling import Generation, SamplingSettings
 
@@ -83,19 +84,19 @@ class Engine:
         self.device = model.get_input_embeddings().weight.device
 
     @classmethod
-    def load(cls, checkpoint: Checkpoint, placement: Placement) -> Engine:
-        check_fits(checkpoint, placement)
+    def load(cls, checkpoint: Checkpoint, plan: Plan, *, offload_folder: str | None = None) -> Engine:
+        """Loads the weights as `plan` places them, or refuses, before reading any, if they do not fit."""
+        if not plan.fits:
+            raise DoesNotFit(f"{checkpoint.path}: {plan.verdict}")
+        log.info("loading %s: %s", checkpoint.path, plan.verdict)
         model = MixtralForCausalLM.from_pretrained(
             checkpoint.path,
-            dtype=getattr(torch, placement.dtype),
-            device_map=placement.device_map,
-            max_memory=placement.max_memory,
-            offload_folder=placement.offload_folder,
+            dtype=getattr(torch, plan.dtype),
+            device_map=plan.device_map,
+            offload_folder=offload_folder,
             use_safetensors=True,
             trust_remote_code=False,
         )
-        log.info("loaded %s (%d parameters, %s, device map %s)", checkpoint.path, checkpoint.parameters,
-                 placement.dtype, getattr(model, "hf_device_map", "cpu"))
         return cls(model, eos_id=int(checkpoint.config["eos_token_id"]),
                    context_window=checkpoint.context_window)
 

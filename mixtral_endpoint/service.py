@@ -48,7 +48,9 @@ class Scorer:
     def load(cls, checkpoint_dir: Path, config: ServerConfig) -> Scorer:
         checkpoint = inspect_checkpoint(checkpoint_dir)
         tokenizer = PromptTokenizer(checkpoint_dir / "tokenizer.model")
-        scheduler = Scheduler(lambda: Engine.load(checkpoint, plan_placement(config)),
+        tokens = min(config.max_total_tokens or checkpoint.context_window, checkpoint.context_window)
+        plan = plan_placement(checkpoint, config, rows=config.max_batch_size, tokens=tokens)
+        scheduler = Scheduler(lambda: Engine.load(checkpoint, plan, offload_folder=config.offload_folder or None),
                               max_batch=config.max_batch_size, max_queue=config.max_queue)
         return cls(scheduler, tokenizer, config)
 

@@ -33,7 +33,8 @@ def inputs(tmp_path: Path) -> list[Path]:
     good = write_jsonl(tmp_path / "good.jsonl", [request(i) for i in range(5)])
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [
         request(10), "{not json", "", {"input_data": {"input_string": [{"role": "assistant", "content": "x"}]}},
-        request(11, max_new_tokens=10_000), {"id": 7, "input_data": {"input_string": [{"role": "user", "content": "Hi"}]}},
+        request(11, max_new_tokens=10_000),
+        {"id": 7, "input_data": {"input_string": [{"role": "user", "content": "Hi"}]}},
     ])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
