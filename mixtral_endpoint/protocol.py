@@ -74,9 +74,16 @@ def _validator(name: str) -> Draft202012Validator:
 
 def parse_json(body: bytes | str) -> Any:
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {_short_json_error(exc)}") from None
+    except RecursionError:
+        raise InvalidRequest("the request body is not valid JSON: nested too deeply") from None
+
+
+def _refuse_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity; JSON does not, and a NaN temperature passes every bound.
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def parse_request(payload: Any, limits: RequestLimits) -> ScoringRequest:
@@ -293,4 +300,6 @@ def _json_type(value: Any) -> str:
 def _short_json_error(exc: Exception) -> str:
     if isinstance(exc, json.JSONDecodeError):
         return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
-    return "not UTF-8 text"
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    return str(exc)
