@@ -75,14 +75,11 @@ class Scheduler:
     def _loop(self) -> None:
         batch: Batch | None = None
         while True:
+            # A failure fails the rows it touched (a newcomer's prefill, or the batch's step), never
+            # the scheduler.
             admitted = self._admit(batch)
-            # A failure fails the rows it touched (a new request's prefill, or the batch's step),
-            # never the scheduler.
             if admitted:
-                try:
-                    batch = self.engine.join(batch, self.engine.prefill(admitted))
-                except Exception as exc:
-                    _fail(admitted, exc)
+                batch = self._prefill(batch, admitted)
             if batch is not None:
                 try:
                     batch = self.engine.step(batch)
@@ -90,6 +87,19 @@ class Scheduler:
                     _fail(batch.rows, exc)
                     batch = None
             self._running = len(batch.rows) if batch else 0
+
+    def _prefill(self, batch: Batch | None, rows: list[Row]) -> Batch | None:
+        """Adds `rows` to the batch; if their joint prefill fails, retries them one by one, so only
+        the row that fails is failed."""
+        try:
+            return self.engine.join(batch, self.engine.prefill(rows))
+        except Exception as exc:
+            if len(rows) == 1:
+                _fail(rows, exc)
+                return batch
+        for row in rows:
+            batch = self._prefill(batch, [row])
+        return batch
 
     def _admit(self, batch: Batch | None) -> list[Row]:
         with self._wake:

@@ -1,0 +1,99 @@
+"""Faults: a broken model fails init fast and the server never answers; a failure inside generation
+fails that request only."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import flask
+import pytest
+import torch
+
+from mixtral_endpoint.errors import InternalError
+from mixtral_endpoint.localserver import LocalServer
+from mixtral_endpoint.packaging import package_model
+from mixtral_endpoint.service import Scorer
+
+from .conftest import SERVER_ENV
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def truncate_shard(path: Path) -> None:
+    shard = path / "model-00001-of-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+def not_mixtral(path: Path) -> None:
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+
+
+def no_tokenizer(path: Path) -> None:
+    (path / "tokenizer.model").unlink()
+
+
+@pytest.mark.parametrize(("damage", "named"), [(truncate_shard, "model-00001-of-00003.safetensors is truncated"),
+                                               (not_mixtral, "config.json"), (no_tokenizer, "tokenizer.model")])
+def test_init_fails_fast_naming_the_file_and_the_server_never_answers(tiny_checkpoint: Path, tmp_path: Path,
+                                                                      damage, named: str):  # noqa: ANN001
+    checkpoint = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+    model_dir = package_model(checkpoint, tmp_path / "model", reference=True)
+    damage(checkpoint)  # after packaging: the model points at a checkpoint that broke since
+    server = LocalServer(model_dir, tmp_path / "log.txt", SERVER_ENV)
+    try:
+        assert server.wait_ready(timeout=90) is False  # the worker exits; nothing serves garbage
+        assert named in (tmp_path / "log.txt").read_text()
+    finally:
+        server.stop()
+
+
+def load_score_py():  # noqa: ANN201
+    spec = importlib.util.spec_from_file_location("score_entry", ROOT / "score.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_request_before_the_model_is_loaded_gets_503():
+    score = load_score_py()
+    with flask.Flask(__name__).test_request_context("/score", method="POST", json={"input_data": {}}):
+        response = score.run(flask.request)
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "model_not_ready" and int(response.headers["Retry-After"]) > 0
+
+
+@pytest.mark.parametrize("neighbour_first", [True, False], ids=["neighbour generating", "same prefill"])
+def test_a_failure_in_generation_is_a_500_for_that_request_only(scorer: Scorer, neighbour_first: bool):
+    model = scorer.engine.model
+    forward = model.forward
+    marker = scorer.tokenizer.encode_text("trigger a fault")[1:]
+
+    def faulty(*args: object, input_ids: torch.Tensor, **kwargs: object) -> object:
+        if input_ids.shape[1] > 1 and input_ids[0, -len(marker):].tolist() == marker:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return forward(*args, input_ids=input_ids, **kwargs)
+
+    long_request = {"input_data": {"input_string": ["Once upon a time"]},
+                    "parameters": {"max_new_tokens": 60, "ignore_eos": True}}
+    expected = scorer.score(long_request)
+    answers: list[object] = []
+    model.forward = faulty
+    try:
+        neighbour = threading.Thread(target=lambda: answers.append(scorer.score(long_request)))
+        neighbour.start()
+        while neighbour_first and scorer.scheduler.load[0] == 0:
+            time.sleep(0.001)
+        with pytest.raises(InternalError) as caught:
+            scorer.score({"input_data": {"input_string": ["trigger a fault"]}})
+        neighbour.join()
+    finally:
+        model.forward = forward
+    assert caught.value.status == 500 and "CUDA" not in caught.value.message
+    assert answers == [expected]  # the request generating alongside was not disturbed
+    assert scorer.score({"input_data": {"input_string": ["trigger a fault"]}, "parameters": {"max_new_tokens": 3}})
