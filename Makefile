@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PORT ?= 5001
 THREADS ?= 24
 
-.PHONY: install model serve test lint bench sample-response clean
+.PHONY: install model serve test lint bench soak sample-response clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ bench: install
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/batch.py
 	$(BIN)/python bench/engine.py --model tiny
+
+# A bounded soak on loopback: two minutes of concurrent good, bad and huge requests (fails on errors or leaks).
+soak: install
+	$(BIN)/python bench/soak.py --seconds 120
 
 # Regenerates sample-response.json with the embedded model, then the swagger files that quote it.
 sample-response: model
