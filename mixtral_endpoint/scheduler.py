@@ -2,8 +2,9 @@
 
 Callers (HTTP threads, MLflow predict, batch jobs) submit rows and wait on them. Between two
 decode steps the scheduler admits waiting rows into the running batch, up to `max_batch` rows,
-so a new request starts within one step instead of waiting for the batch to drain. The waiting
-line is bounded: past `max_queue` rows a caller gets `Overloaded` (429) at once.
+instead of letting the batch drain first. Each admission costs a prefill pass, so newcomers join
+in groups: once half the batch is free, or once the oldest has waited `admit_after_s`. The
+waiting line is bounded: past `max_queue` rows a caller gets `Overloaded` (429) at once.
 
 The same thread loads the model: on CPU, torch runs up to 1.5x slower in a thread other than the
 one that first used its OpenMP pool (measured on 2 cores), so every torch call stays on this one.
