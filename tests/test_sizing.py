@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from accelerate.utils import convert_file_size_to_int
 
 from mixtral_endpoint.checkpoint import MIXTRAL_8X7B_CONFIG, inspect_checkpoint
 from mixtral_endpoint.placement import GIB, Devices, kv_cache_bytes, plan
@@ -105,10 +106,12 @@ def test_cpu_offload_makes_one_gpu_fit_with_modules_offloaded(mixtral: Path):
 
 def test_the_deployment_files_sku_fits_the_configured_batch(mixtral: Path):
     deployment = yaml.safe_load((ROOT / "deployment.yml").read_text())
+    env = deployment["environment_variables"]
     gpus, memory = SKUS[deployment["instance_type"]]
-    rows = int(deployment["environment_variables"]["MIXTRAL_MAX_BATCH_SIZE"])
-    assert plan(inspect_checkpoint(mixtral), Devices((memory,) * gpus, 0), dtype="bfloat16", rows=rows,
-                tokens=32768).fits
+    memory = min(memory, convert_file_size_to_int(env["MIXTRAL_MAX_GPU_MEMORY"]))  # the server's own cap
+    result = plan(inspect_checkpoint(mixtral), Devices((memory,) * gpus, 0), dtype="bfloat16",
+                  rows=int(env["MIXTRAL_MAX_BATCH_SIZE"]), tokens=32768)
+    assert result.fits and not result.offloaded, result.verdict
 
 
 def test_plan_command_prints_the_placement_and_exits_by_verdict(mixtral: Path):
