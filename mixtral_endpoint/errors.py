@@ -13,7 +13,6 @@ STATUS: dict[str, int] = {
     "invalid_request": 400,
     "context_length_exceeded": 400,
     "payload_too_large": 413,
-    "unsupported_media_type": 415,
     "overloaded": 429,
     "internal_error": 500,
     "model_not_ready": 503,
@@ -55,10 +54,6 @@ class ContextLengthExceeded(ScoringError):
 
 class PayloadTooLarge(ScoringError):
     code = "payload_too_large"
-
-
-class UnsupportedMediaType(ScoringError):
-    code = "unsupported_media_type"
 
 
 class Overloaded(ScoringError):
