@@ -45,7 +45,7 @@ def tight_server(azureml_models: Path, tmp_path_factory: pytest.TempPathFactory)
     """A server with room for 2 rows generating and 2 waiting, a 0.3 s deadline, and 16 threads."""
     log = tmp_path_factory.mktemp("tight") / "azmlinfsrv.log"
     env = {**SERVER_ENV, "MIXTRAL_MAX_BATCH_SIZE": "2", "MIXTRAL_MAX_QUEUE": "2", "MIXTRAL_MAX_PROMPTS": "2",
-           "MIXTRAL_REQUEST_TIMEOUT_S": "0.3"}
+           "MIXTRAL_REQUEST_TIMEOUT_S": "0.3", "MIXTRAL_MAX_NEW_TOKENS": "400"}
     with LocalServer(azureml_models, log, env, threads=16) as server:
         yield server.url, server.process.pid
 
@@ -125,11 +125,12 @@ def test_a_caller_that_disconnects_mid_stream_does_not_hurt_others(server: str):
 
 def test_deadline_returns_what_was_generated_with_time_limit(tight_server: tuple[str, int]):
     url, _ = tight_server
-    response = post(url, text("Once upon a time", max_new_tokens=64, ignore_eos=True))
+    # 400 tokens take seconds on any CPU; the deadline is 0.3 s.
+    response = post(url, text("Once upon a time", max_new_tokens=400, ignore_eos=True))
     assert response.status_code == 200
     row = response.json()[0]
     assert row["finish_reason"] == "time_limit"
-    assert 0 < row["usage"]["completion_tokens"] < 64
+    assert 0 < row["usage"]["completion_tokens"] < 400
 
 
 def test_past_the_queue_callers_get_429_with_retry_after(tight_server: tuple[str, int]):
