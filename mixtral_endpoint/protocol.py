@@ -121,7 +121,8 @@ def parse_request(payload: Any, limits: RequestLimits) -> ScoringRequest:
 
 def to_settings(params: dict[str, Any], limits: RequestLimits) -> SamplingSettings:
     """Converts validated request parameters into engine settings, once, by name."""
-    max_new_tokens = params.get("max_new_tokens", limits.default_max_new_tokens)
+    # JSON Schema counts 5.0 as an integer; the engine gets real ints.
+    max_new_tokens = int(params.get("max_new_tokens", limits.default_max_new_tokens))
     if max_new_tokens > limits.max_new_tokens:
         raise InvalidRequest(
             f"max_new_tokens is {max_new_tokens}; this server allows at most {limits.max_new_tokens}",
@@ -133,10 +134,10 @@ def to_settings(params: dict[str, Any], limits: RequestLimits) -> SamplingSettin
         do_sample=params.get("do_sample", False),
         temperature=float(params.get("temperature", 1.0)),
         top_p=float(params.get("top_p", 1.0)),
-        top_k=params.get("top_k", 0),
+        top_k=int(params.get("top_k", 0)),
         repetition_penalty=float(params.get("repetition_penalty", 1.0)),
         stop=(stop,) if isinstance(stop, str) else tuple(stop),
-        seed=params.get("seed"),
+        seed=None if params.get("seed") is None else int(params["seed"]),
         ignore_eos=params.get("ignore_eos", False),
     )
 

@@ -35,6 +35,7 @@ def choose_tokens(
             ids = torch.tensor(list(seen[i]), device=logits.device)
             scores = logits[i, ids]
             logits[i, ids] = torch.where(scores < 0, scores * s.repetition_penalty, scores / s.repetition_penalty)
+    logits = torch.nan_to_num(logits)  # a tiny penalty can overflow float32: keep scores finite
     chosen = logits.argmax(dim=-1).tolist()
     for i, s in enumerate(settings):
         if not s.greedy:
@@ -43,7 +44,9 @@ def choose_tokens(
 
 
 def _sample(logits: torch.Tensor, s: SamplingSettings, generator: torch.Generator | None) -> int:
-    scores = logits / s.temperature  # [vocab]
+    # Shifted so the top score is 0, and a temperature float32 can hold: a tiny one then gives -inf
+    # for the others, never 0/0 or inf - inf = NaN.
+    scores = (logits - logits.max()) / max(s.temperature, 1e-30)  # [vocab]
     if s.top_k:
         kth = torch.topk(scores, min(s.top_k, scores.numel())).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -64,6 +64,17 @@ def test_sampling_differs_from_greedy(engine: Engine, prompts: list[list[int]]):
     assert engine.generate(prompts, SAMPLED) != engine.generate(prompts, GREEDY)
 
 
+def test_a_vanishing_temperature_samples_the_greedy_tokens(engine: Engine, prompts: list[list[int]]):
+    assert engine.generate(prompts, replace(SAMPLED, temperature=1e-300)) == engine.generate(prompts, GREEDY)
+
+
+def test_extreme_but_valid_settings_still_generate(engine: Engine, prompts: list[list[int]]):
+    for settings in (replace(SAMPLED, repetition_penalty=1e-300), replace(GREEDY, repetition_penalty=1e-300),
+                     replace(SAMPLED, temperature=100.0, top_p=1e-9), replace(SAMPLED, top_k=10**9)):
+        settings = replace(settings, ignore_eos=True)
+        assert all(len(g.token_ids) == settings.max_new_tokens for g in engine.generate(prompts, settings))
+
+
 def test_top_k_one_sampling_is_greedy(engine: Engine, prompts: list[list[int]]):
     top1 = replace(SAMPLED, top_k=1, top_p=1.0)
     assert engine.generate(prompts, top1) == engine.generate(prompts, GREEDY)

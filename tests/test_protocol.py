@@ -89,6 +89,12 @@ def test_parameters_in_both_places_agreeing_are_accepted():
     assert parse_request(payload, LIMITS).settings.seed == 3
 
 
+def test_integral_floats_become_ints_for_the_engine():
+    settings = parse_request(text_request(max_new_tokens=5.0, top_k=40.0, seed=3.0), LIMITS).settings
+    assert (settings.max_new_tokens, settings.top_k, settings.seed) == (5, 40, 3)
+    assert all(type(v) is int for v in (settings.max_new_tokens, settings.top_k, settings.seed))
+
+
 def test_temperature_zero_is_greedy_even_with_do_sample():
     assert parse_request(text_request(do_sample=True, temperature=0), LIMITS).settings.greedy
     assert not parse_request(text_request(do_sample=True, temperature=0.5), LIMITS).settings.greedy
