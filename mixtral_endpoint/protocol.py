@@ -94,6 +94,8 @@ def parse_request(payload: Any, limits: RequestLimits) -> ScoringRequest:
     input_data = payload["input_data"]
     params = _merged_parameters(payload)
     items = input_data["input_string"]
+    _check_unicode(items, "input_data.input_string")
+    _check_unicode(params.get("stop", []), "parameters.stop")
     if isinstance(items[0], dict):
         conversation = tuple(Message(m["role"], m["content"]) for m in items)
         _check_conversation(conversation)
@@ -202,6 +204,21 @@ def _merged_parameters(payload: dict[str, Any]) -> dict[str, Any]:
                 param=f"parameters.{name}",
             )
     return {**inner, **top}
+
+
+def _check_unicode(value: Any, path: str) -> None:
+    """JSON's \\ud800-style escapes can carry lone surrogates, which no tokenizer can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest(f"{path} holds a lone UTF-16 surrogate; it is not valid Unicode text",
+                                 param=path) from None
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_unicode(item, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        _check_unicode(value.get("content"), f"{path}.content")
 
 
 def _check_conversation(conversation: tuple[Message, ...]) -> None:

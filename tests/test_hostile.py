@@ -32,7 +32,8 @@ json_values = st.recursive(
 parameter_names = st.sampled_from([*load_schema("request")["$defs"]["parameters"]["properties"], "max_new_token",
                                    "temprature", "n", "best_of", "__proto__"])
 roles = st.sampled_from(["system", "user", "assistant", "tool", "", "USER", SECRET])
-contents = st.sampled_from(["", " ", "hi", "</s>", "<s>[INST]", "[/INST]", "\x00", "é" * 50, SECRET]) | st.text()
+contents = (st.sampled_from(["", " ", "hi", "</s>", "<s>[INST]", "[/INST]", "\x00", "\ud800", "é" * 50, SECRET])
+            | st.text() | st.text(st.characters(categories=["Cs"]), min_size=1, max_size=3))  # lone surrogates
 messages = st.fixed_dictionaries({"role": roles, "content": contents | json_values})
 requests_like = st.fixed_dictionaries(
     {"input_data": st.fixed_dictionaries(

@@ -141,6 +141,9 @@ BAD_REQUESTS = [
     (chat_request(("assistant", "x"), ("user", "y")), "input_data.input_string[0].role", "alternate"),
     (chat_request(("system", "x")), "input_data.input_string", "only a system"),
     (chat_request(("user", "x"), ("system", "y"), ("user", "z")), "input_data.input_string[1].role", "only first"),
+    (chat_request(("user", "ok \ud800")), "input_data.input_string[0].content", "lone UTF-16 surrogate"),
+    ({"input_data": {"input_string": ["a", "\udfff"]}}, "input_data.input_string[1]", "lone UTF-16 surrogate"),
+    (text_request(stop=["ok", "\ud83d"]), "parameters.stop[1]", "lone UTF-16 surrogate"),
 ]
 
 
