@@ -156,8 +156,9 @@ class Engine:
 
     def _advance(self, batch: Batch, logits: torch.Tensor) -> Batch | None:
         rows = batch.rows
-        chosen = choose_tokens(logits, [r.settings for r in rows], [r.prompt + r.tokens for r in rows],
-                               [r.generator for r in rows])
+        # The ids a row has seen matter only to a repetition penalty: build them only for those rows.
+        seen = [r.prompt + r.tokens if r.settings.repetition_penalty != 1.0 else () for r in rows]
+        chosen = choose_tokens(logits, [r.settings for r in rows], seen, [r.generator for r in rows])
         now = time.monotonic()
         keep = []
         for i, (row, token) in enumerate(zip(rows, chosen, strict=True)):
