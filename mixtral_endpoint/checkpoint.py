@@ -51,8 +51,12 @@ class Checkpoint:
     config: dict[str, Any]
     shards: tuple[Path, ...]
     parameters: int  # total number of weights
-    stored_bytes: int  # bytes of tensor data in the shards
     bytes_by_dtype: dict[str, int]  # stored bytes per safetensors dtype
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of tensor data in the shards."""
+        return sum(self.bytes_by_dtype.values())
 
     @property
     def context_window(self) -> int:
@@ -77,7 +81,7 @@ def inspect_checkpoint(path: Path) -> Checkpoint:
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{path / INDEX_FILE}: no weight_map")
     shards = tuple(path / name for name in sorted(set(weight_map.values())))
-    parameters = stored = 0
+    parameters = 0
     by_dtype: dict[str, int] = {}
     for shard in shards:
         if not shard.is_file():
@@ -86,12 +90,10 @@ def inspect_checkpoint(path: Path) -> Checkpoint:
             if weight_map.get(name) != shard.name:
                 raise CheckpointError(f"{shard}: tensor {name} is not mapped to this shard in {INDEX_FILE}")
             parameters += count
-            stored += nbytes
             by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
     if not (path / TOKENIZER_FILE).is_file():
         raise CheckpointError(f"{path / TOKENIZER_FILE} is missing (Mixtral's SentencePiece tokenizer)")
-    return Checkpoint(path=path, config=config, shards=shards, parameters=parameters, stored_bytes=stored,
-                      bytes_by_dtype=by_dtype)
+    return Checkpoint(path=path, config=config, shards=shards, parameters=parameters, bytes_by_dtype=by_dtype)
 
 
 def _tensor_sizes(shard: Path) -> dict[str, tuple[int, int, str]]:
