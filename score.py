@@ -6,6 +6,7 @@ and batch doors share.
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import flask
@@ -24,6 +25,13 @@ def init() -> None:
     global scorer
     _log_to_stderr(logging.getLogger("mixtral_endpoint"))
     scorer = load_scorer(Path(os.environ.get("AZUREML_MODEL_DIR", "model")))
+    # azmlinfsrv's health route cannot report a dead engine: end the worker, and gunicorn starts a fresh one.
+    scorer.engine.on_death = _exit_worker
+
+
+def _exit_worker(error: BaseException) -> None:
+    log.critical("the engine died (%s); this worker exits so that the server starts a fresh one", error)
+    threading.Timer(1.0, os._exit, args=(3,)).start()  # a moment for the in-flight 500s to go out
 
 
 @rawhttp

@@ -24,10 +24,11 @@ from transformers import GenerationConfig, MixtralConfig, MixtralForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mixtral_endpoint.scheduler import Scheduler  # noqa: E402
+
 from mixtral_endpoint.checkpoint import MIXTRAL_8X7B_CONFIG  # noqa: E402
 from mixtral_endpoint.engine import Engine, Row  # noqa: E402
 from mixtral_endpoint.sampling import SamplingSettings  # noqa: E402
-from mixtral_endpoint.scheduler import Scheduler  # noqa: E402
 from mixtral_endpoint.tiny import tiny_model  # noqa: E402
 
 ACTIVE_PARAMETERS = 12.9e9  # Mixtral-8x7B, per token: 2 of 8 experts plus the shared layers

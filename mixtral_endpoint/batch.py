@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InternalError, InvalidRequest, Overloaded, ScoringError
+from .errors import InternalError, InvalidRequest, ScoringError
 from .protocol import parse_json
 from .service import Scorer
 
@@ -65,7 +65,7 @@ def score_line(scorer: Scorer, line: Line) -> dict[str, Any]:
             row["id"] = payload.pop("id")
         if _wants_stream(payload):
             raise InvalidRequest("stream is not available in batch scoring", param="parameters.stream")
-        row["response"] = _score_patiently(scorer, payload)
+        row["response"] = scorer.score_patiently(payload)
     except ScoringError as exc:
         row["error"] = {**exc.body()["error"], "status": exc.status}
     except Exception:
@@ -120,15 +120,6 @@ def run_local(scorer: Scorer, inputs: list[str], output: Path, *, workers: int, 
     return {"rows": rows, "errors": errors, "skipped": len(done), "seconds": round(seconds, 3),
             "rows_per_s": round(rows / seconds, 2) if seconds else 0.0,
             "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0}
-
-
-def _score_patiently(scorer: Scorer, payload: Any) -> Any:
-    # A batch job waits for room in the queue rather than turning a full queue into error rows.
-    while True:
-        try:
-            return scorer.score(payload)
-        except Overloaded:
-            time.sleep(0.05)
 
 
 def _wants_stream(payload: Any) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
+from .engine import ENGINES
+from .errors import ConfigError
 from .protocol import RequestLimits
 
 PREFIX = "MIXTRAL_"
@@ -12,7 +14,8 @@ PREFIX = "MIXTRAL_"
 
 @dataclass(frozen=True, kw_only=True)
 class ServerConfig:
-    # Weights and placement.
+    # Engine and weights placement.
+    engine: str = "auto"  # auto: vllm when a GPU is visible and vLLM is installed, else transformers
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU; or bfloat16 / float16 / float32
     device_map: str = "auto"  # accelerate placement over every visible GPU; "cpu" forces the CPU
     max_gpu_memory: str = ""  # per-GPU cap for accelerate, e.g. "75GiB"; empty: what the GPU has
@@ -32,6 +35,8 @@ class ServerConfig:
     log_prompts: bool = False
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"{PREFIX}ENGINE must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"{PREFIX}DTYPE must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
         for name in ("max_new_tokens", "default_max_new_tokens", "max_prompts", "max_body_bytes", "max_batch_size",

@@ -1,65 +1,90 @@
-"""The engine: MixtralForCausalLM behind accelerate, generating from token ids, one step at a time.
+"""The one interface between the core and whatever generates, and the choice of engine.
 
-It knows nothing of HTTP, Azure, MLflow or text: a Row is a prompt's token ids with frozen
-SamplingSettings, and a Batch is the rows in flight with their shared KV cache. Rows may join a
-running batch (their cache is left-padded to the batch's length) and leave it as soon as they
-finish, which is what lets one model copy serve many callers. Stop strings reach it only as an
-opaque per-row check.
+An engine takes rows (a prompt's token ids, frozen SamplingSettings, a deadline) and generates
+for them concurrently. A Row is also the caller's handle: the engine sends each new token id to
+the row's sink as it comes, ends the row with a finish reason (or an error), and stops a row that
+the caller cancelled at its next step. Engines know no text: stop strings, the bounded queue and
+rendering stay in the core, so both engines answer the same API the same way.
+
+Two engines implement it: `TransformersEngine` (our continuous batching on transformers: the
+reference, and the faster one on CPU) and `VllmEngine` (vLLM, for GPUs).
 """
 
 from __future__ import annotations
 
+import collections
+import functools
+import importlib.util
 import logging
 import queue
-import random
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-from transformers import DynamicCache, MixtralForCausalLM
-
-from .checkpoint import Checkpoint
-from .errors import DoesNotFit
-from .placement import Plan
-from .sampler import choose_tokens, new_generator
+from .errors import ConfigError, InternalError
 from .sampling import Generation, SamplingSettings
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+    from .config import ServerConfig
 
 log = logging.getLogger(__name__)
 
-StopCheck = Callable[[Sequence[int]], bool]  # new token ids of one row -> stop now?
+ENGINES = ("auto", "transformers", "vllm")
+# Sinks receive (row, token id) for each new token, then (row, None) once the row has ended.
+Sink = queue.SimpleQueue
 
 
 @dataclass(eq=False)
 class Row:
-    """One prompt in flight. The engine fills `tokens` and `finish_reason`, then sets `done`."""
+    """One prompt in flight, and the caller's handle on it."""
 
     prompt: list[int]
     settings: SamplingSettings
-    stop_check: StopCheck | None = None
     deadline: float | None = None  # time.monotonic() after which the row ends with "time_limit"
-    stream: queue.SimpleQueue | None = None  # receives each new token id, then None
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
+    sink: Sink | None = None
+    on_end: Callable[[Row], None] | None = None  # the core's admission count, released once
+    tokens: list[int] = field(default_factory=list)  # written by the engine thread only
+    finish_reason: str | None = None  # stop | length | time_limit | cancelled | error
+    error: BaseException | None = None
     cancelled: bool = False
-    generator: torch.Generator | None = None
     submitted_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     first_token_at: float | None = None
     peak_batch: int = 0  # the most rows this one was generated together with (itself included)
     done: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
+
+    def cancel(self) -> None:
+        """Stops the row at the engine's next step; a no-op once it has ended."""
+        self.cancelled = True
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    # The engine's side.
+    def emit(self, token: int, now: float, batch: int) -> None:
+        self.tokens.append(token)
+        self.first_token_at = self.first_token_at or now
+        self.peak_batch = max(self.peak_batch, batch)
+        if self.sink is not None:
+            self.sink.put((self, token))
 
     def finish(self, reason: str) -> None:
+        if self.done.is_set():
+            return
         self.finish_reason = reason
-        if self.stream is not None:
-            self.stream.put(None)
         self.done.set()
+        if self.on_end is not None:
+            self.on_end(self)
+        if self.sink is not None:
+            self.sink.put((self, None))
 
     def fail(self, error: BaseException) -> None:
-        self.error = error
-        self.finish("error")
+        if not self.done.is_set():
+            self.error = error
+            self.finish("error")
 
     @property
     def generation(self) -> Generation:
@@ -67,150 +92,130 @@ class Row:
         return Generation(tuple(self.tokens), self.finish_reason)
 
 
-@dataclass
-class Batch:
-    rows: list[Row]
-    cache: DynamicCache
-    mask: torch.Tensor  # [batch, cached length]: 1 for real tokens, 0 for left padding
-    positions: torch.Tensor  # [batch]: position id of each row's next token
-    last: torch.Tensor  # [batch]: each row's latest token, the next step's input
+class Engine(Protocol):
+    name: str
+    context_window: int
+    eos_id: int
+    on_death: Callable[[BaseException], None] | None  # called on the engine thread if it dies
+
+    def submit(self, rows: list[Row]) -> None:
+        """Starts generating for `rows`; they end through Row.finish or Row.fail, never silently."""
+
+    def close(self) -> None:
+        """Ends every row still in flight (cancelled), stops the engine thread and frees the model."""
 
 
-class Engine:
-    def __init__(self, model: MixtralForCausalLM, *, eos_id: int, context_window: int) -> None:
-        self.model = model.eval()
-        self.eos_id = eos_id
-        self.context_window = context_window
-        self.device = model.get_input_embeddings().weight.device
+class EngineThread:
+    """What both engines share: one thread that loads the model and runs every step (on CPU, torch
+    runs up to 1.5x slower in a thread other than the one that first used its OpenMP pool), an
+    inbox of submitted rows, a clean close, and a death that fails every row and calls `on_death`."""
 
-    @classmethod
-    def load(cls, checkpoint: Checkpoint, plan: Plan, *, offload_folder: str | None = None) -> Engine:
-        """Loads the weights as `plan` places them, or refuses, before reading any, if they do not fit."""
-        if not plan.fits:
-            raise DoesNotFit(f"{checkpoint.path}: {plan.verdict}")
-        log.info("loading %s: %s", checkpoint.path, plan.verdict)
-        model = MixtralForCausalLM.from_pretrained(
-            checkpoint.path,
-            dtype=getattr(torch, plan.dtype),
-            device_map=plan.device_map,
-            offload_folder=offload_folder,
-            use_safetensors=True,
-            trust_remote_code=False,
-        )
-        return cls(model, eos_id=int(checkpoint.config["eos_token_id"]),
-                   context_window=checkpoint.context_window)
+    name: str
 
-    def generate(
-        self, prompts: Sequence[Sequence[int]], settings: SamplingSettings, *, stop_check: StopCheck | None = None
-    ) -> list[Generation]:
-        """Generates for prompts that share settings, as one batch; one Generation per prompt, in order."""
-        rows = [Row(list(p), settings, stop_check) for p in prompts]
-        batch = self.prefill(rows)
-        while batch is not None:
-            batch = self.step(batch)
-        return [row.generation for row in rows]
+    def __init__(self, load: Callable[[], None], *, thread_name: str) -> None:
+        """Starts the thread, which calls `load`; returns once it has (raising what it raised)."""
+        self.on_death: Callable[[BaseException], None] | None = None
+        self._inbox: collections.deque[Row] = collections.deque()
+        self._wake = threading.Condition()  # guards the inbox and the flags below
+        self._closing = False
+        self._dead: BaseException | None = None
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(load,), name=thread_name, daemon=True)
+        self._thread.start()
+        self._loaded.wait()
+        if self._load_error is not None:
+            raise self._load_error
 
-    @torch.inference_mode()
-    def prefill(self, rows: Sequence[Row]) -> Batch | None:
-        """Runs the prompts of new rows and picks their first tokens; returns the rows still going."""
+    def submit(self, rows: Sequence[Row]) -> None:
+        with self._wake:
+            if self._dead is not None or self._closing:
+                raise InternalError("the engine has stopped; the server log has the details")
+            now = time.monotonic()
+            for row in rows:
+                row.submitted_at = now
+            self._inbox.extend(rows)
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)
+        self._unload()
+
+    def _loop(self) -> None:
+        """Runs until `_closing`; an exception out of it is the engine's death."""
+        raise NotImplementedError
+
+    def _drop_in_flight(self) -> list[Row]:
+        """Forgets the rows the model is working on and returns them."""
+        raise NotImplementedError
+
+    def _unload(self) -> None:
+        """Drops the model, so its memory goes with the last reference."""
+        raise NotImplementedError
+
+    def _run(self, load: Callable[[], None]) -> None:
+        try:
+            load()
+        except BaseException as exc:
+            self._load_error = exc
+            return
+        finally:
+            self._loaded.set()
+        try:
+            self._loop()
+        except BaseException as exc:
+            log.critical("the %s engine died", self.name, exc_info=exc)
+            self._dead = exc
+            self._end_all(functools.partial(Row.fail, error=exc))
+            if self.on_death is not None:
+                self.on_death(exc)
+            return
+        self._end_all(functools.partial(Row.finish, reason="cancelled"))
+
+    def _end_all(self, end: Callable[[Row], None]) -> None:
+        with self._wake:
+            rows = [*self._drop_in_flight(), *self._inbox]
+            self._inbox.clear()
         for row in rows:
-            assert row.prompt, "every prompt needs at least one token"
-            assert len(row.prompt) + row.settings.max_new_tokens <= self.context_window, "over the context window"
-            row.started_at = time.monotonic()
-            row.generator = new_generator(row.settings, self.device, random.getrandbits(63))
-        width = max(len(row.prompt) for row in rows)
-        ids = torch.full((len(rows), width), self.eos_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row.prompt):] = torch.tensor(row.prompt)
-            mask[i, width - len(row.prompt):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [batch, width]
-        cache = DynamicCache(config=self.model.config)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                            use_cache=True, logits_to_keep=1).logits[:, -1, :]
-        batch = Batch(list(rows), cache, mask, positions[:, -1] + 1, ids[:, -1])
-        return self._advance(batch, logits)
-
-    @torch.inference_mode()
-    def step(self, batch: Batch) -> Batch | None:
-        """One new token for every row of the batch; returns the rows still going."""
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
-        logits = self.model(input_ids=batch.last[:, None], attention_mask=batch.mask,
-                            position_ids=batch.positions[:, None], cache=batch.cache,
-                            use_cache=True).logits[:, -1, :]
-        batch.positions = batch.positions + 1
-        return self._advance(batch, logits)
-
-    def join(self, batch: Batch | None, new: Batch | None) -> Batch | None:
-        """One batch of both: the shorter cache is left-padded (masked out) to the longer one's length."""
-        if batch is None or new is None:
-            return batch or new
-        length = max(batch.mask.shape[1], new.mask.shape[1])
-        a, b = _left_pad(batch, length), _left_pad(new, length)
-        for layer_a, layer_b in zip(a.cache.layers, b.cache.layers, strict=True):
-            layer_a.keys = torch.cat([layer_a.keys, layer_b.keys.to(layer_a.keys.device)])
-            layer_a.values = torch.cat([layer_a.values, layer_b.values.to(layer_a.values.device)])
-        return Batch(a.rows + b.rows, a.cache, torch.cat([a.mask, b.mask]),
-                     torch.cat([a.positions, b.positions]), torch.cat([a.last, b.last]))
-
-    def _advance(self, batch: Batch, logits: torch.Tensor) -> Batch | None:
-        rows = batch.rows
-        # The ids a row has seen matter only to a repetition penalty: build them only for those rows.
-        seen = [r.prompt + r.tokens if r.settings.repetition_penalty != 1.0 else () for r in rows]
-        chosen = choose_tokens(logits, [r.settings for r in rows], seen, [r.generator for r in rows])
-        now = time.monotonic()
-        keep = []
-        for i, (row, token) in enumerate(zip(rows, chosen, strict=True)):
-            row.tokens.append(token)
-            row.first_token_at = row.first_token_at or now
-            row.peak_batch = max(row.peak_batch, len(rows))
-            if row.stream is not None:
-                row.stream.put(token)
-            reason = self._finish_reason(row, token, now)
-            if reason is None:
-                keep.append(i)
-            else:
-                row.finish(reason)
-        if not keep:
-            return None
-        batch.last = torch.tensor(chosen, device=batch.last.device)
-        return batch if len(keep) == len(rows) else _select(batch, keep)
-
-    def _finish_reason(self, row: Row, token: int, now: float) -> str | None:
-        if token == self.eos_id and not row.settings.ignore_eos:
-            return "stop"
-        if row.stop_check is not None and row.stop_check(row.tokens):
-            return "stop"
-        if len(row.tokens) >= row.settings.max_new_tokens:
-            return "length"
-        if row.deadline is not None and now >= row.deadline:
-            return "time_limit"
-        if row.cancelled:
-            return "cancelled"
-        return None
+            end(row)
 
 
-def _select(batch: Batch, keep: list[int]) -> Batch:
-    index = torch.tensor(keep, device=batch.mask.device)
-    mask = batch.mask[index]
-    # Columns that are padding for every remaining row carry nothing: drop them from mask and cache.
-    start = int((mask.sum(dim=0) > 0).nonzero()[0])
-    for layer in batch.cache.layers:
-        layer_index = index.to(layer.keys.device)
-        layer.keys = layer.keys[layer_index, :, start:]
-        layer.values = layer.values[layer_index, :, start:]
-    return Batch([batch.rows[i] for i in keep], batch.cache, mask[:, start:], batch.positions[index],
-                 batch.last[index])
+@dataclass(frozen=True)
+class EngineChoice:
+    name: str  # transformers | vllm
+    why: str
 
 
-def _left_pad(batch: Batch, length: int) -> Batch:
-    extra = length - batch.mask.shape[1]
-    if extra == 0:
-        return batch
-    for layer in batch.cache.layers:
-        # keys/values: [batch, kv_heads, cached length, head_dim]; pad the length on the left.
-        layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, extra, 0))
-        layer.values = torch.nn.functional.pad(layer.values, (0, 0, extra, 0))
-    mask = torch.nn.functional.pad(batch.mask, (extra, 0))
-    return Batch(batch.rows, batch.cache, mask, batch.positions, batch.last)
+def choose_engine(wanted: str, *, gpus: int, vllm_installed: bool) -> EngineChoice:
+    """`auto` takes vLLM where it can serve (a GPU and vLLM installed); asking for vLLM where it
+    cannot run is an error, never a silent fallback."""
+    if wanted == "transformers":
+        return EngineChoice("transformers", "MIXTRAL_ENGINE=transformers")
+    if wanted == "vllm":
+        if not vllm_installed:
+            raise ConfigError("MIXTRAL_ENGINE=vllm, but vLLM is not installed in this environment")
+        return EngineChoice("vllm", "MIXTRAL_ENGINE=vllm")
+    if gpus and vllm_installed:
+        return EngineChoice("vllm", f"MIXTRAL_ENGINE=auto: {gpus} GPU(s) visible and vLLM installed")
+    reason = "no GPU visible" if not gpus else "vLLM is not installed"
+    return EngineChoice("transformers", f"MIXTRAL_ENGINE=auto: {reason}")
+
+
+def load_engine(checkpoint: Checkpoint, config: ServerConfig) -> Engine:
+    """Loads the engine the config asks for; the log names it and why."""
+    import torch
+
+    choice = choose_engine(config.engine, gpus=torch.cuda.device_count(),
+                           vllm_installed=importlib.util.find_spec("vllm") is not None)
+    log.info("engine: %s (%s)", choice.name, choice.why)
+    if choice.name == "vllm":
+        from .vllm_engine import VllmEngine
+
+        return VllmEngine.load(checkpoint, config)
+    from .transformers_engine import TransformersEngine
+
+    return TransformersEngine.load(checkpoint, config)

@@ -68,6 +68,10 @@ class InternalError(ScoringError):
     code = "internal_error"
 
 
+class ConfigError(ValueError):
+    """A setting the server cannot start with; the message names the variable."""
+
+
 class CheckpointError(Exception):
     """A checkpoint directory that cannot be served; the message names the file."""
 

@@ -45,6 +45,7 @@ class ScoringRequest:
     settings: SamplingSettings
     return_full_text: bool
     return_token_ids: bool
+    stop: tuple[str, ...] = ()  # checked in the core, on text: the engine knows only token ids
     stream: bool = False
 
     @property
@@ -117,6 +118,7 @@ def parse_request(payload: Any, limits: RequestLimits) -> ScoringRequest:
         settings=to_settings(params, limits),
         return_full_text=params.get("return_full_text", False),
         return_token_ids=params.get("return_token_ids", False),
+        stop=_stops(params.get("stop", ())),
         stream=stream,
     )
 
@@ -130,7 +132,6 @@ def to_settings(params: dict[str, Any], limits: RequestLimits) -> SamplingSettin
             f"max_new_tokens is {max_new_tokens}; this server allows at most {limits.max_new_tokens}",
             param="parameters.max_new_tokens",
         )
-    stop = params.get("stop", ())
     return SamplingSettings(
         max_new_tokens=max_new_tokens,
         do_sample=params.get("do_sample", False),
@@ -138,10 +139,13 @@ def to_settings(params: dict[str, Any], limits: RequestLimits) -> SamplingSettin
         top_p=float(params.get("top_p", 1.0)),
         top_k=int(params.get("top_k", 0)),
         repetition_penalty=float(params.get("repetition_penalty", 1.0)),
-        stop=(stop,) if isinstance(stop, str) else tuple(stop),
         seed=None if params.get("seed") is None else int(params["seed"]),
         ignore_eos=params.get("ignore_eos", False),
     )
+
+
+def _stops(stop: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
 def render(request: ScoringRequest, completions: list[Completion]) -> dict[str, Any] | list[dict[str, Any]]:

@@ -52,13 +52,11 @@ class MixtralModel(mlflow.pyfunc.PythonModel):
         try:
             if parameters.get("stream"):
                 raise InvalidRequest("stream is served by the /score endpoint, not MLflow predict", param="stream")
-            results = []
-            for item in input_items(model_input):
-                payload = {"input_data": {"input_string": [item] if isinstance(item, str) else item},
-                           "parameters": parameters}
-                result = self.scorer.score(payload)
-                results.append(result[0] if isinstance(item, str) else result)
-            return results
+            items = input_items(model_input)
+            results = self.scorer.score_all([
+                {"input_data": {"input_string": [item] if isinstance(item, str) else item}, "parameters": parameters}
+                for item in items])
+            return [result[0] if isinstance(item, str) else result for item, result in zip(items, results, strict=True)]
         except ScoringError as exc:
             # MLflow's scoring server turns an MlflowException into its status and a JSON message.
             raise MlflowException(exc.message, error_code=_MLFLOW_CODES.get(exc.status, INTERNAL_ERROR)) from None

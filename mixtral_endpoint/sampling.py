@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -13,7 +13,6 @@ class SamplingSettings:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
-    stop: tuple[str, ...] = field(default_factory=tuple)
     seed: int | None = None
     ignore_eos: bool = False
 

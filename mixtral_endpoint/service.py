@@ -1,21 +1,29 @@
 """The one core every door calls: a request payload in, a response body (or event stream) out,
-or a typed error."""
+or a typed error.
+
+Everything above the engine interface lives here, so both engines answer alike: tokenization,
+the bounded queue (429), deadlines, stop strings and rendering.
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import queue
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import inspect_checkpoint
 from .config import ServerConfig
-from .engine import Engine, Row, StopCheck
-from .errors import ContextLengthExceeded, InternalError, PayloadTooLarge
-from .placement import plan_placement
+from .detokenizer import Detokenizer
+from .engine import Engine, Row, load_engine
+from .errors import ContextLengthExceeded, InternalError, ModelNotReady, Overloaded, PayloadTooLarge
 from .protocol import (
     Completion,
     ScoringRequest,
@@ -26,33 +34,58 @@ from .protocol import (
     render_stream_end,
     render_stream_error,
 )
-from .scheduler import Scheduler
 from .tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
 
 Body = dict[str, Any] | list[dict[str, Any]]
-_GRACE_S = 30.0  # past a row's deadline, a wait this much longer means the scheduler is stuck
+_GRACE_S = 30.0  # past a row's deadline, a wait this much longer means the engine is stuck
+_CONTEXT_TOKENS = 8  # prompt tokens decoded before a completion, so its leading space survives
+_RETRY_AFTER_S = 2
+
+
+class Admission:
+    """The bounded line in front of either engine: rows generating or waiting, at most `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self._lock = threading.Lock()
+
+    def take(self, rows: Sequence[Row]) -> None:
+        with self._lock:
+            if self.in_flight + len(rows) > self.limit:
+                raise Overloaded(f"the server is at capacity ({self.in_flight} rows generating or waiting); "
+                                 f"retry in {_RETRY_AFTER_S} s", retry_after=_RETRY_AFTER_S)
+            self.in_flight += len(rows)
+        for row in rows:
+            row.on_end = self._release
+
+    def _release(self, row: Row) -> None:
+        with self._lock:
+            self.in_flight -= 1
 
 
 class Scorer:
-    def __init__(self, scheduler: Scheduler, tokenizer: PromptTokenizer, config: ServerConfig) -> None:
-        self.scheduler = scheduler
-        self.engine = scheduler.engine
+    def __init__(self, engine: Engine, tokenizer: PromptTokenizer, config: ServerConfig) -> None:
+        self.engine = engine
         self.tokenizer = tokenizer
         self.config = config
-        window = self.engine.context_window
+        self.admission = Admission(config.max_batch_size + config.max_queue)
+        window = engine.context_window
         self.max_total_tokens = min(config.max_total_tokens, window) if config.max_total_tokens else window
 
     @classmethod
     def load(cls, checkpoint_dir: Path, config: ServerConfig) -> Scorer:
         checkpoint = inspect_checkpoint(checkpoint_dir)
         tokenizer = PromptTokenizer(checkpoint_dir / "tokenizer.model")
-        tokens = min(config.max_total_tokens or checkpoint.context_window, checkpoint.context_window)
-        plan = plan_placement(checkpoint, config, rows=config.max_batch_size, tokens=tokens)
-        scheduler = Scheduler(lambda: Engine.load(checkpoint, plan, offload_folder=config.offload_folder or None),
-                              max_batch=config.max_batch_size, max_queue=config.max_queue)
-        return cls(scheduler, tokenizer, config)
+        scorer = cls(load_engine(checkpoint, config), tokenizer, config)
+        # Stop the engine thread before the interpreter tears down torch under it.
+        atexit.register(scorer.close)
+        return scorer
+
+    def close(self) -> None:
+        self.engine.close()
 
     def score_body(self, body: bytes, *, request_id: str | None = None) -> Body | Iterator[str]:
         """Scores a raw HTTP body: size cap first, then JSON, then the request."""
@@ -69,15 +102,32 @@ class Scorer:
         request = parse_request(payload, self.config.limits)
         request_id = request_id or uuid.uuid4().hex
         prompts = self._encode(request)
-        rows = self._submit(request, prompts, stream=request.stream)
+        rows, texts, sink = self._submit(request, prompts)
         if request.stream:
-            return self._events(request_id, request, prompts[0], rows[0])
-        for row in rows:
-            self._wait(request_id, row)
-        completions = [self._complete(request, p, row.tokens, row.finish_reason)
-                       for p, row in zip(prompts, rows, strict=True)]
-        self._log(request_id, request, rows)
+            return self._events(request_id, request, rows[0], texts[0], sink)
+        for _ in self._follow(request_id, rows, texts, sink):
+            pass
+        completions = [self._complete(row, text) for row, text in zip(rows, texts, strict=True)]
+        self._log(request_id, request, rows, completions)
         return render(request, completions)
+
+    def score_all(self, payloads: Sequence[Any]) -> list[Body]:
+        """Scores every payload at once, so the engine batches them, and waits for all (MLflow
+        predict, batch jobs): a full line is waited out, never refused. The first error raises."""
+        workers = min(len(payloads), self.config.max_batch_size + self.config.max_queue)
+        with ThreadPoolExecutor(max(workers, 1), thread_name_prefix="score-all") as pool:
+            return list(pool.map(self.score_patiently, payloads))
+
+    def score_patiently(self, payload: Any) -> Body:
+        """`score`, waiting for room in the line instead of raising Overloaded."""
+        while True:
+            try:
+                result = self.score(payload)
+            except Overloaded:
+                time.sleep(0.05)
+                continue
+            assert not isinstance(result, Iterator), "streams are served by /score only"
+            return result
 
     def _encode(self, request: ScoringRequest) -> list[list[int]]:
         if request.conversation is not None:
@@ -95,88 +145,89 @@ class Scorer:
                 )
         return prompts
 
-    def _submit(self, request: ScoringRequest, prompts: list[list[int]], *, stream: bool) -> list[Row]:
+    def _submit(self, request: ScoringRequest, prompts: list[list[int]]
+                ) -> tuple[list[Row], list[Detokenizer], queue.SimpleQueue]:
         deadline = time.monotonic() + self.config.request_timeout_s
-        stop_check = self._stop_check(request)
-        rows = [Row(p, request.settings, stop_check, deadline, queue.SimpleQueue() if stream else None)
-                for p in prompts]
-        self.scheduler.submit(rows)
-        return rows
-
-    def _wait(self, request_id: str, row: Row) -> None:
-        if not row.done.wait(self.config.request_timeout_s + _GRACE_S) or row.error is not None:
-            log.error("request %s: generation failed or stalled", request_id, exc_info=row.error)
-            raise InternalError("generation failed; the server log has the details")
-
-    def _events(self, request_id: str, request: ScoringRequest, prompt: list[int], row: Row) -> Iterator[str]:
-        assert row.stream is not None
-        # Hold back text that could still turn out to be the start of a stop string.
-        hold = max((len(s) for s in request.settings.stop), default=1) - 1
-        tokens: list[int] = []
-        sent = 0
+        sink: queue.SimpleQueue = queue.SimpleQueue()  # every row of the request reports here
+        rows = [Row(p, request.settings, deadline, sink) for p in prompts]
+        texts = [Detokenizer(self.tokenizer.decode, eos_id=self.tokenizer.eos_id, stops=request.stop,
+                             context=() if request.is_chat else p[-_CONTEXT_TOKENS:]) for p in prompts]
+        self.admission.take(rows)
         try:
-            while (token := row.stream.get(timeout=self.config.request_timeout_s + _GRACE_S)) is not None:
-                tokens.append(token)
-                text = self._text(request, prompt, tokens)
-                cut = _find_stop(text, request.settings.stop)
-                # \ufffd at the end: a character whose bytes have not all arrived yet.
-                safe = cut if cut >= 0 else len(text) - hold - (1 if text.endswith("\ufffd") else 0)
-                if safe > sent:
-                    yield render_stream_delta(text[sent:safe])
-                    sent = safe
-            if row.error is not None:
-                raise InternalError("generation failed") from row.error
-            completion = self._complete(request, prompt, tokens, row.finish_reason)
-            if len(completion.text) > sent:
-                yield render_stream_delta(completion.text[sent:])
-            self._log(request_id, request, [row])
-            yield render_stream_end(request, completion)
-        except (queue.Empty, InternalError) as exc:
-            log.error("request %s: stream failed", request_id, exc_info=exc)
-            yield render_stream_error(InternalError("generation failed; the server log has the details").body())
+            self.engine.submit(rows)
+        except BaseException:
+            for row in rows:
+                row.finish("error")  # gives their places in the line back
+            raise
+        return rows, texts, sink
+
+    def _follow(self, request_id: str, rows: list[Row], texts: list[Detokenizer],
+                sink: queue.SimpleQueue) -> Iterator[str]:
+        """Reads the rows' tokens as they come until every row has ended; yields new safe text (of a
+        single row: streams have one). A row that hits a stop string is cancelled in the engine."""
+        text_of = {id(row): text for row, text in zip(rows, texts, strict=True)}
+        open_rows = {id(row) for row in rows}
+        deadline = max(row.deadline or 0.0 for row in rows) + _GRACE_S
+        try:
+            while open_rows:
+                try:
+                    row, token = sink.get(timeout=max(deadline - time.monotonic(), 0.0))
+                except queue.Empty:
+                    log.error("request %s: the engine stalled", request_id)
+                    raise InternalError("generation stalled; the server log has the details") from None
+                if id(row) not in open_rows:
+                    continue  # tokens the engine made before it saw our cancel
+                text = text_of[id(row)]
+                if token is None:
+                    if row.error is not None:
+                        log.error("request %s: generation failed", request_id, exc_info=row.error)
+                        raise InternalError("generation failed; the server log has the details")
+                    if row.finish_reason == "cancelled":
+                        raise ModelNotReady("the server is shutting down; retry shortly", retry_after=_RETRY_AFTER_S)
+                    text.flush()
+                    open_rows.discard(id(row))
+                else:
+                    text.add(token)
+                    if text.stopped:
+                        row.cancel()
+                        open_rows.discard(id(row))
+                yield text.take(final=id(row) not in open_rows)
         finally:
-            row.cancelled = True  # a caller that went away stops its row at the next step
+            for row in rows:
+                row.cancel()  # a caller that went away, or a failed neighbour: stop at the next step
 
-    def _stop_check(self, request: ScoringRequest) -> StopCheck | None:
-        stops = request.settings.stop
-        if not stops:
-            return None
-        # A stop string of n characters spans at most 4n tokens (byte-fallback pieces are 1/4 char).
-        window = 4 * max(len(s) for s in stops) + 4
-        decode = self.tokenizer.decode
-        return lambda ids: any(s in decode(ids[-window:]) for s in stops)
+    def _events(self, request_id: str, request: ScoringRequest, row: Row, text: Detokenizer,
+                sink: queue.SimpleQueue) -> Iterator[str]:
+        try:
+            with contextlib.closing(self._follow(request_id, [row], [text], sink)) as pieces:
+                for piece in pieces:
+                    if piece:
+                        yield render_stream_delta(piece)
+            completion = self._complete(row, text)
+            self._log(request_id, request, [row], [completion])
+            yield render_stream_end(request, completion)
+        except (InternalError, ModelNotReady) as exc:
+            yield render_stream_error(exc.body())
 
-    def _text(self, request: ScoringRequest, prompt: Sequence[int], tokens: Sequence[int]) -> str:
-        if request.is_chat:
-            return self.tokenizer.decode(tokens)
-        return self.tokenizer.decode_continuation(prompt, tokens)
-
-    def _complete(self, request: ScoringRequest, prompt: Sequence[int], tokens: Sequence[int],
-                  finish_reason: str | None) -> Completion:
+    @staticmethod
+    def _complete(row: Row, text: Detokenizer) -> Completion:
+        finish_reason = "stop" if text.stopped else row.finish_reason
         assert finish_reason in ("stop", "length", "time_limit"), finish_reason
-        text = self._text(request, prompt, tokens)
-        cut = _find_stop(text, request.settings.stop)
-        if cut >= 0:
-            text, finish_reason = text[:cut], "stop"
-        return Completion(text=text, prompt_token_ids=tuple(prompt), token_ids=tuple(tokens),
+        return Completion(text=text.text, prompt_token_ids=tuple(row.prompt), token_ids=tuple(text.tokens),
                           finish_reason=finish_reason)
 
-    def _log(self, request_id: str, request: ScoringRequest, rows: Sequence[Row]) -> None:
+    def _log(self, request_id: str, request: ScoringRequest, rows: Sequence[Row],
+             completions: Sequence[Completion]) -> None:
         submitted = min(r.submitted_at for r in rows)
         started = max(r.started_at or submitted for r in rows)
         first = min(r.first_token_at or started for r in rows)
         seconds = time.monotonic() - submitted
-        new_tokens = sum(len(r.tokens) for r in rows)
+        new_tokens = sum(len(c.token_ids) for c in completions)
         extra = f" prompt={request.conversation or request.prompts!r}" if self.config.log_prompts else ""
         log.info(
-            "request=%s prompts=%d prompt_tokens=%d completion_tokens=%d queue_wait_s=%.3f ttft_s=%.3f "
+            "request=%s engine=%s prompts=%d prompt_tokens=%d completion_tokens=%d queue_wait_s=%.3f ttft_s=%.3f "
             "seconds=%.3f tokens_per_s=%.1f batch=%d finish=%s%s",
-            request_id, len(rows), sum(len(r.prompt) for r in rows), new_tokens, started - submitted,
-            first - submitted, seconds, new_tokens / seconds if seconds > 0 else 0.0, max(r.peak_batch for r in rows),
-            ",".join(str(r.finish_reason) for r in rows), extra,
+            request_id, self.engine.name, len(rows), sum(len(r.prompt) for r in rows), new_tokens,
+            started - submitted, first - submitted, seconds, new_tokens / seconds if seconds > 0 else 0.0,
+            max(r.peak_batch for r in rows), ",".join(c.finish_reason for c in completions), extra,
         )
-
-
-def _find_stop(text: str, stops: Sequence[str]) -> int:
-    """Where the earliest stop string starts in `text`, or -1."""
-    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)

@@ -23,6 +23,7 @@ TINY_SIZES = {
     "num_hidden_layers": 2,
     "num_attention_heads": 8,
     "num_key_value_heads": 2,
+    "head_dim": 128,  # Mixtral's own; vLLM's CPU attention takes head sizes 32 to 512 only
 }
 SHARD_SIZE = "8MB"  # gives several shards, as a real checkpoint has
 LOGIT_SCALE = 1.0  # std of lm_head weights: wide logit gaps make greedy decoding batch-invariant

@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny checkpoint, one MLflow model and one live azmlinfsrv per test session."""
+"""Shared fixtures: one tiny checkpoint, one MLflow model, and one scorer and one live azmlinfsrv per engine
+and test session (vLLM's engine takes 10 to 35 s to start here)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from mixtral_endpoint.config import ServerConfig
 from mixtral_endpoint.localserver import LocalServer
 from mixtral_endpoint.packaging import package_model
 from mixtral_endpoint.service import Scorer
+from mixtral_endpoint.stepper import Stepper
 from mixtral_endpoint.tiny import build_tiny
 from mixtral_endpoint.tokenizer import PromptTokenizer
 
@@ -35,14 +37,34 @@ def tokenizer(tiny_checkpoint: Path) -> PromptTokenizer:
     return PromptTokenizer(tiny_checkpoint / "tokenizer.model")
 
 
-@pytest.fixture(scope="session")
-def scorer(tiny_checkpoint: Path) -> Scorer:
-    return Scorer.load(tiny_checkpoint, ServerConfig.from_env(SERVER_ENV))
+ENGINES = ["transformers", "vllm"]
 
 
 @pytest.fixture(scope="session")
-def engine(scorer: Scorer):  # noqa: ANN201
-    return scorer.engine
+def scorer(tiny_checkpoint: Path) -> Iterator[Scorer]:
+    """The core on our own engine (the CPU default)."""
+    scorer = Scorer.load(tiny_checkpoint, ServerConfig.from_env({**SERVER_ENV, "MIXTRAL_ENGINE": "transformers"}))
+    yield scorer
+    scorer.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_scorer(tiny_checkpoint: Path) -> Iterator[Scorer]:
+    """The core on vLLM's CPU build."""
+    scorer = Scorer.load(tiny_checkpoint, ServerConfig.from_env({**SERVER_ENV, "MIXTRAL_ENGINE": "vllm"}))
+    yield scorer
+    scorer.close()
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def any_scorer(request: pytest.FixtureRequest) -> Scorer:
+    """The core on each engine in turn."""
+    return request.getfixturevalue("scorer" if request.param == "transformers" else "vllm_scorer")
+
+
+@pytest.fixture(scope="session")
+def stepper(scorer: Scorer) -> Stepper:
+    return scorer.engine.stepper
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +92,28 @@ def server_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(azureml_models: Path, server_log: Path) -> Iterator[str]:
-    """A real azmlinfsrv process serving score.py over the tiny model on a free loopback port."""
-    with LocalServer(azureml_models, server_log, {**SERVER_ENV, "GUNICORN_CMD_ARGS": "--threads 4"}) as server:
+    """A real azmlinfsrv process serving score.py over the tiny model on a free loopback port (our engine)."""
+    env = {**SERVER_ENV, "MIXTRAL_ENGINE": "transformers"}
+    with LocalServer(azureml_models, server_log, env, threads=4) as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def vllm_server_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("vllm-server") / "azmlinfsrv.log"
+
+
+@pytest.fixture(scope="session")
+def vllm_server(azureml_models: Path, vllm_server_log: Path) -> Iterator[str]:
+    """The same, on vLLM."""
+    env = {**SERVER_ENV, "MIXTRAL_ENGINE": "vllm"}
+    with LocalServer(azureml_models, vllm_server_log, env, threads=4) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def any_server(request: pytest.FixtureRequest) -> tuple[str, Path]:
+    """(url, log) of the live server on each engine in turn."""
+    if request.param == "transformers":
+        return request.getfixturevalue("server"), request.getfixturevalue("server_log")
+    return request.getfixturevalue("vllm_server"), request.getfixturevalue("vllm_server_log")

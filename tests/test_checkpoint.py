@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from mixtral_endpoint.checkpoint import MIXTRAL_8X7B_CONFIG, inspect_checkpoint
-from mixtral_endpoint.engine import Engine
 from mixtral_endpoint.errors import CheckpointError, DoesNotFit
 from mixtral_endpoint.placement import GIB, Devices, plan
+from mixtral_endpoint.stepper import Stepper
 from mixtral_endpoint.tiny import build_tiny, tiny_config
 
 
@@ -94,7 +94,7 @@ def test_preflight_refuses_weights_that_do_not_fit_before_reading_any(checkpoint
     needed = checkpoint.bytes_as("float32")
     too_small = plan(checkpoint, Devices((), cpu_bytes=needed), dtype="float32", rows=1, tokens=1024)
     assert not too_small.fits
-    assert too_small.verdict.startswith("does not fit: 37.6 MiB of float32 weights")
+    assert too_small.verdict.startswith("does not fit: 39.8 MiB of float32 weights")
     with pytest.raises(DoesNotFit, match="does not fit"):
-        Engine.load(checkpoint, too_small)
-    assert plan(checkpoint, Devices((), cpu_bytes=GIB), dtype="float32", rows=8, tokens=32768).fits
+        Stepper.load(checkpoint, too_small)
+    assert plan(checkpoint, Devices((), cpu_bytes=GIB), dtype="float32", rows=8, tokens=8192).fits

@@ -1,4 +1,4 @@
-"""Engine tier, on the tiny Mixtral: token ids in, token ids and finish reasons out."""
+"""Engine tier, on the tiny Mixtral: our step-level engine, token ids in, token ids and finish reasons out."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from mixtral_endpoint.engine import Engine, Row
+from mixtral_endpoint.engine import Row
 from mixtral_endpoint.sampling import SamplingSettings
+from mixtral_endpoint.stepper import Stepper
 from mixtral_endpoint.tokenizer import PromptTokenizer
 
 GREEDY = SamplingSettings(max_new_tokens=24)
@@ -24,98 +25,88 @@ def prompts(tokenizer: PromptTokenizer) -> list[list[int]]:
 
 
 @pytest.fixture
-def eos_forced(engine: Engine) -> Iterator[Engine]:
+def eos_forced(stepper: Stepper) -> Iterator[Stepper]:
     """The same model with EOS made the top token at every step."""
 
     def push_eos(module: torch.nn.Module, args: object, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.clone()
-        logits[..., engine.eos_id] += 1e4
+        logits[..., stepper.eos_id] += 1e4
         return logits
 
-    handle = engine.model.lm_head.register_forward_hook(push_eos)
-    yield engine
+    handle = stepper.model.lm_head.register_forward_hook(push_eos)
+    yield stepper
     handle.remove()
 
 
-def test_greedy_tokens_match_transformers_generate(engine: Engine, prompts: list[list[int]]):
+def test_greedy_tokens_match_transformers_generate(stepper: Stepper, prompts: list[list[int]]):
     for prompt in prompts:
         ids = torch.tensor([prompt])
-        direct = engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=
+        direct = stepper.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=
                                        GenerationConfig(max_new_tokens=24, do_sample=False, eos_token_id=2,
                                                         pad_token_id=2))
         expected = direct[0, len(prompt):].tolist()
-        assert list(engine.generate([prompt], GREEDY)[0].token_ids) == expected
+        assert list(stepper.generate([prompt], GREEDY)[0].token_ids) == expected
 
 
-def test_batched_and_unbatched_greedy_give_identical_tokens(engine: Engine, prompts: list[list[int]]):
-    batched = engine.generate(prompts, GREEDY)
-    alone = [engine.generate([p], GREEDY)[0] for p in prompts]
+def test_batched_and_unbatched_greedy_give_identical_tokens(stepper: Stepper, prompts: list[list[int]]):
+    batched = stepper.generate(prompts, GREEDY)
+    alone = [stepper.generate([p], GREEDY)[0] for p in prompts]
     assert batched == alone
 
 
-def test_seed_reproducibility(engine: Engine, prompts: list[list[int]]):
-    first = engine.generate(prompts, SAMPLED)
-    assert engine.generate(prompts, SAMPLED) == first
-    other = engine.generate(prompts, replace(SAMPLED, seed=12))
+def test_seed_reproducibility(stepper: Stepper, prompts: list[list[int]]):
+    first = stepper.generate(prompts, SAMPLED)
+    assert stepper.generate(prompts, SAMPLED) == first
+    other = stepper.generate(prompts, replace(SAMPLED, seed=12))
     assert other != first
 
 
-def test_sampling_differs_from_greedy(engine: Engine, prompts: list[list[int]]):
-    assert engine.generate(prompts, SAMPLED) != engine.generate(prompts, GREEDY)
+def test_sampling_differs_from_greedy(stepper: Stepper, prompts: list[list[int]]):
+    assert stepper.generate(prompts, SAMPLED) != stepper.generate(prompts, GREEDY)
 
 
-def test_a_vanishing_temperature_samples_the_greedy_tokens(engine: Engine, prompts: list[list[int]]):
-    assert engine.generate(prompts, replace(SAMPLED, temperature=1e-300)) == engine.generate(prompts, GREEDY)
+def test_a_vanishing_temperature_samples_the_greedy_tokens(stepper: Stepper, prompts: list[list[int]]):
+    assert stepper.generate(prompts, replace(SAMPLED, temperature=1e-300)) == stepper.generate(prompts, GREEDY)
 
 
-def test_extreme_but_valid_settings_still_generate(engine: Engine, prompts: list[list[int]]):
+def test_extreme_but_valid_settings_still_generate(stepper: Stepper, prompts: list[list[int]]):
     for settings in (replace(SAMPLED, repetition_penalty=1e-300), replace(GREEDY, repetition_penalty=1e-300),
                      replace(SAMPLED, temperature=100.0, top_p=1e-9), replace(SAMPLED, top_k=10**9)):
         settings = replace(settings, ignore_eos=True)
-        assert all(len(g.token_ids) == settings.max_new_tokens for g in engine.generate(prompts, settings))
+        assert all(len(g.token_ids) == settings.max_new_tokens for g in stepper.generate(prompts, settings))
 
 
-def test_top_k_one_sampling_is_greedy(engine: Engine, prompts: list[list[int]]):
+def test_top_k_one_sampling_is_greedy(stepper: Stepper, prompts: list[list[int]]):
     top1 = replace(SAMPLED, top_k=1, top_p=1.0)
-    assert engine.generate(prompts, top1) == engine.generate(prompts, GREEDY)
+    assert stepper.generate(prompts, top1) == stepper.generate(prompts, GREEDY)
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 5, 17])
-def test_max_tokens_respected(engine: Engine, prompts: list[list[int]], max_new_tokens: int):
-    for generation in engine.generate(prompts, replace(GREEDY, max_new_tokens=max_new_tokens)):
+def test_max_tokens_respected(stepper: Stepper, prompts: list[list[int]], max_new_tokens: int):
+    for generation in stepper.generate(prompts, replace(GREEDY, max_new_tokens=max_new_tokens)):
         assert len(generation.token_ids) == max_new_tokens
         assert generation.finish_reason == "length"
 
 
-def test_repetition_penalty_changes_the_tokens(engine: Engine, prompts: list[list[int]]):
-    assert engine.generate(prompts, replace(GREEDY, repetition_penalty=5.0)) != engine.generate(prompts, GREEDY)
+def test_repetition_penalty_changes_the_tokens(stepper: Stepper, prompts: list[list[int]]):
+    assert stepper.generate(prompts, replace(GREEDY, repetition_penalty=5.0)) != stepper.generate(prompts, GREEDY)
 
 
-def test_eos_ends_generation_with_stop(eos_forced: Engine, prompts: list[list[int]]):
+def test_eos_ends_generation_with_stop(eos_forced: Stepper, prompts: list[list[int]]):
     for generation in eos_forced.generate(prompts, GREEDY):
         assert generation.token_ids == (eos_forced.eos_id,)
         assert generation.finish_reason == "stop"
 
 
-def test_ignore_eos_generates_to_max_new_tokens(eos_forced: Engine, prompts: list[list[int]]):
+def test_ignore_eos_generates_to_max_new_tokens(eos_forced: Stepper, prompts: list[list[int]]):
     for generation in eos_forced.generate(prompts, replace(GREEDY, ignore_eos=True)):
         assert len(generation.token_ids) == GREEDY.max_new_tokens
         assert generation.finish_reason == "length"
 
 
-def test_stop_check_ends_only_its_row(engine: Engine, prompts: list[list[int]]):
-    free = engine.generate(prompts, GREEDY)
-    target = free[0].token_ids[4]
-    stopped = engine.generate(prompts, GREEDY, stop_check=lambda ids: target in ids)
-    assert stopped[0].token_ids == free[0].token_ids[:5] and stopped[0].finish_reason == "stop"
-    for before, after in zip(free[1:], stopped[1:], strict=True):
-        if target not in before.token_ids:
-            assert after == before
-
-
-def test_engine_rejects_prompts_over_the_context_window(engine: Engine):
+def test_stepper_rejects_prompts_over_the_context_window(stepper: Stepper):
     with pytest.raises(AssertionError):
-        engine.generate([[1] * engine.context_window], GREEDY)
+        stepper.generate([[1] * stepper.context_window], GREEDY)
 
 
 def test_sampling_settings_check_their_own_invariants():
@@ -125,38 +116,38 @@ def test_sampling_settings_check_their_own_invariants():
             SamplingSettings(**{"max_new_tokens": 4, **bad})
 
 
-def run_with_late_joiner(engine: Engine, first: list[int], second: list[int], settings: SamplingSettings,
+def run_with_late_joiner(stepper: Stepper, first: list[int], second: list[int], settings: SamplingSettings,
                          join_after: int) -> tuple[Row, Row]:
     a, b = Row(first, settings), Row(second, settings)
-    batch = engine.prefill([a])
+    batch = stepper.prefill([a])
     for _ in range(join_after):
-        batch = engine.step(batch)
-    batch = engine.join(batch, engine.prefill([b]))
+        batch = stepper.step(batch)
+    batch = stepper.join(batch, stepper.prefill([b]))
     while batch is not None:
-        batch = engine.step(batch)
+        batch = stepper.step(batch)
     return a, b
 
 
 @pytest.mark.parametrize("settings", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
-def test_a_row_joining_mid_flight_gets_the_same_tokens_as_alone(engine: Engine, prompts: list[list[int]],
+def test_a_row_joining_mid_flight_gets_the_same_tokens_as_alone(stepper: Stepper, prompts: list[list[int]],
                                                                 settings: SamplingSettings):
     for first, second in ((prompts[0], prompts[3]), (prompts[3], prompts[2])):
-        a, b = run_with_late_joiner(engine, first, second, settings, join_after=5)
-        assert a.generation == engine.generate([first], settings)[0]
-        assert b.generation == engine.generate([second], settings)[0]
+        a, b = run_with_late_joiner(stepper, first, second, settings, join_after=5)
+        assert a.generation == stepper.generate([first], settings)[0]
+        assert b.generation == stepper.generate([second], settings)[0]
 
 
-def test_rows_with_different_settings_share_a_batch(engine: Engine, prompts: list[list[int]]):
+def test_rows_with_different_settings_share_a_batch(stepper: Stepper, prompts: list[list[int]]):
     mixed = [GREEDY, SAMPLED, replace(SAMPLED, seed=99, temperature=0.5, top_k=20), replace(GREEDY, max_new_tokens=3)]
     rows = [Row(p, s) for p, s in zip(prompts, mixed, strict=True)]
-    batch = engine.prefill(rows)
+    batch = stepper.prefill(rows)
     while batch is not None:
-        batch = engine.step(batch)
+        batch = stepper.step(batch)
     for row, prompt, settings in zip(rows, prompts, mixed, strict=True):
-        assert row.generation == engine.generate([prompt], settings)[0]
+        assert row.generation == stepper.generate([prompt], settings)[0]
 
 
-def test_deadline_ends_a_row_with_time_limit(engine: Engine, prompts: list[list[int]]):
+def test_deadline_ends_a_row_with_time_limit(stepper: Stepper, prompts: list[list[int]]):
     row = Row(prompts[0], replace(GREEDY, max_new_tokens=50), deadline=0.0)
-    assert engine.prefill([row]) is None
+    assert stepper.prefill([row]) is None
     assert row.finish_reason == "time_limit" and len(row.tokens) == 1

@@ -70,7 +70,7 @@ def test_a_request_before_the_model_is_loaded_gets_503():
 
 @pytest.mark.parametrize("neighbour_first", [True, False], ids=["neighbour generating", "arriving together"])
 def test_a_failure_in_generation_is_a_500_for_that_request_only(scorer: Scorer, neighbour_first: bool):
-    model = scorer.engine.model
+    model = scorer.engine.stepper.model
     forward = model.forward
     marker = scorer.tokenizer.encode_text("trigger a fault")[1:]
 
@@ -87,7 +87,9 @@ def test_a_failure_in_generation_is_a_500_for_that_request_only(scorer: Scorer, 
     try:
         neighbour = threading.Thread(target=lambda: answers.append(scorer.score(long_request)))
         neighbour.start()
-        while neighbour_first and scorer.scheduler.load[0] == 0:
+        deadline = time.monotonic() + 30
+        while neighbour_first and scorer.engine.row_counts[0] == 0:
+            assert time.monotonic() < deadline, "the neighbour never started generating"
             time.sleep(0.001)
         with pytest.raises(InternalError) as caught:
             scorer.score({"input_data": {"input_string": ["trigger a fault"]}})

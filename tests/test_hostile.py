@@ -96,5 +96,5 @@ def test_nothing_in_the_package_loads_pickle_or_remote_code():
                            r"allow_pickle=True|cloudpickle")
     offenders = [f"{p.name}: {m.group(0)}" for p in sources for m in forbidden.finditer(p.read_text())]
     assert not offenders
-    assert "trust_remote_code=False" in (ROOT / "mixtral_endpoint" / "engine.py").read_text()
-    assert "use_safetensors=True" in (ROOT / "mixtral_endpoint" / "engine.py").read_text()
+    assert "trust_remote_code=False" in (ROOT / "mixtral_endpoint" / "stepper.py").read_text()
+    assert "use_safetensors=True" in (ROOT / "mixtral_endpoint" / "stepper.py").read_text()

@@ -1,0 +1,127 @@
+"""Our engine: continuous batching on transformers, one thread owning the model.
+
+Callers (HTTP threads, MLflow predict, batch jobs) submit rows and read their tokens. Between two
+decode steps the engine thread admits waiting rows into the running batch, up to `max_batch` rows,
+instead of letting the batch drain first. Each admission costs a prefill pass, so newcomers join
+in groups: once half the batch is free, or once the oldest has waited `admit_after_s`.
+
+Failures: a failed prefill is retried row by row, so only the row that fails is failed; a failed
+decode step fails every row of the batch (their shared KV cache is then in an unknown state). An
+error outside those, or a dead thread, fails every row in flight and calls `on_death`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from .engine import EngineThread, Row
+from .placement import plan_placement
+from .stepper import Batch, Stepper
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+    from .config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+
+class TransformersEngine(EngineThread):
+    name = "transformers"
+
+    def __init__(self, load: Callable[[], Stepper], *, max_batch: int, admit_after_s: float = 0.05) -> None:
+        self.max_batch = max_batch
+        self.admit_after_s = admit_after_s
+        self._batch: Batch | None = None
+
+        def load_stepper() -> None:
+            self.stepper = load()
+
+        super().__init__(load_stepper, thread_name="mixtral-engine")
+
+    @classmethod
+    def load(cls, checkpoint: Checkpoint, config: ServerConfig) -> TransformersEngine:
+        tokens = min(config.max_total_tokens or checkpoint.context_window, checkpoint.context_window)
+        plan = plan_placement(checkpoint, config, rows=config.max_batch_size, tokens=tokens)
+        return cls(lambda: Stepper.load(checkpoint, plan, offload_folder=config.offload_folder or None),
+                   max_batch=config.max_batch_size)
+
+    @property
+    def context_window(self) -> int:
+        return self.stepper.context_window
+
+    @property
+    def eos_id(self) -> int:
+        return self.stepper.eos_id
+
+    @property
+    def row_counts(self) -> tuple[int, int]:
+        """(rows generating, rows waiting)."""
+        batch = self._batch
+        return (len(batch.rows) if batch else 0), len(self._inbox)
+
+    def _drop_in_flight(self) -> list[Row]:
+        rows, self._batch = (self._batch.rows if self._batch else []), None
+        return rows
+
+    def _unload(self) -> None:
+        self.__dict__.pop("stepper", None)
+
+    def _loop(self) -> None:
+        while not self._closing:
+            admitted = self._admit()
+            if admitted:
+                self._batch = self._prefill(self._batch, admitted)
+            if self._batch is not None:
+                try:
+                    self._batch = self.stepper.step(self._batch)
+                except Exception as exc:
+                    _fail(self._batch.rows, exc)
+                    self._batch = None
+
+    def _prefill(self, batch: Batch | None, rows: list[Row]) -> Batch | None:
+        """Adds `rows` to the batch; if their joint prefill fails, retries them one by one, so only
+        the row that fails is failed."""
+        try:
+            return self.stepper.join(batch, self.stepper.prefill(rows))
+        except Exception as exc:
+            if len(rows) == 1:
+                _fail(rows, exc)
+                return batch
+        for row in rows:
+            batch = self._prefill(batch, [row])
+        return batch
+
+    def _admit(self) -> list[Row]:
+        batch = self._batch
+        with self._wake:
+            while batch is None and not self._inbox and not self._closing:
+                self._wake.wait()
+            room = self.max_batch - (len(batch.rows) if batch else 0)
+            if self._closing or (batch is not None and not self._worth_a_prefill(room)):
+                return []
+            admitted = []
+            now = time.monotonic()
+            while self._inbox and len(admitted) < room:
+                row = self._inbox.popleft()
+                if row.cancelled or row.expired(now):
+                    row.finish("cancelled" if row.cancelled else "time_limit")
+                    continue
+                admitted.append(row)
+            return admitted
+
+    def _worth_a_prefill(self, room: int) -> bool:
+        """Joining costs a prefill pass, so a running batch takes newcomers in groups: once half of it
+        is free, or once the oldest newcomer has waited `admit_after_s`."""
+        if not self._inbox or room == 0:
+            return False
+        waited = time.monotonic() - self._inbox[0].submitted_at
+        return room >= max(1, self.max_batch // 2) or waited >= self.admit_after_s
+
+
+def _fail(rows: Sequence[Row], error: Exception) -> None:
+    log.error("generation failed for %d rows", len(rows), exc_info=error)
+    for row in rows:
+        row.fail(error)

@@ -1,0 +1,197 @@
+"""vLLM behind the engine interface: the GPU engine. Its CPU build runs the same code in the tests.
+
+vLLM gets our token ids (a TokensPrompt), so prompts stay token-exact with mistral-common, and it
+never needs a tokenizer. Each row's own settings become its SamplingParams. One thread owns
+vLLM's `LLMEngine`, in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): it adds newcomers,
+aborts rows that were cancelled or ran out of time, and steps, as our own engine's thread does.
+
+Why in-process: `AsyncLLM` always starts its engine core in a child process, and there the CPU
+build's start-up scan of every loaded module trips on Flask's context-local proxies ("Working
+outside of application context") under azmlinfsrv. For the same reason the engine is built inside
+a throwaway Flask request context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .engine import EngineThread, Row
+from .errors import DoesNotFit, InternalError
+from .placement import plan_placement
+from .sampling import SamplingSettings
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+    from .config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+_FINISH_REASONS = {"stop": "stop", "length": "length"}  # vLLM's; "abort" never reaches a caller
+
+
+class VllmEngine(EngineThread):
+    name = "vllm"
+
+    def __init__(self, build: Callable[[], Any], *, eos_id: int, context_window: int) -> None:
+        """Starts the engine thread, which calls `build` (an LLMEngine); returns once it has."""
+        self.eos_id = eos_id
+        self.context_window = context_window
+        self._rows: dict[str, Row] = {}  # vLLM request id -> row; the engine thread's own
+        self._ids = itertools.count()
+
+        def load() -> None:
+            self.llm = build()
+
+        super().__init__(load, thread_name="mixtral-vllm")
+
+    @classmethod
+    def load(cls, checkpoint: Checkpoint, config: ServerConfig) -> VllmEngine:
+        import torch
+
+        tokens = min(config.max_total_tokens or checkpoint.context_window, checkpoint.context_window)
+        plan = plan_placement(checkpoint, config, rows=config.max_batch_size, tokens=tokens)
+        if not plan.fits:
+            raise DoesNotFit(f"{checkpoint.path}: {plan.verdict}")
+        gpus = torch.cuda.device_count()
+        args: dict[str, Any] = {
+            "model": str(checkpoint.path),
+            "skip_tokenizer_init": True,  # token ids in, token ids out
+            "generation_config": "vllm",  # the request's settings, not the checkpoint's sampling defaults
+            "dtype": plan.dtype,
+            "max_model_len": tokens,
+            "max_num_seqs": config.max_batch_size,
+            "seed": 0,
+            "disable_log_stats": True,
+        }
+        if gpus:
+            args["tensor_parallel_size"] = gpus
+            if config.max_gpu_memory:
+                from accelerate.utils import convert_file_size_to_int
+
+                total = torch.cuda.get_device_properties(0).total_memory
+                args["gpu_memory_utilization"] = min(convert_file_size_to_int(config.max_gpu_memory) / total, 0.95)
+        else:
+            args["enforce_eager"] = True
+            args["kv_cache_memory_bytes"] = plan.kv_bytes  # the sizing plan's cache for batch x context
+        log.info("loading %s with vLLM: %s", checkpoint.path, plan.verdict)
+        return cls(lambda: _build_llm_engine(args), eos_id=int(checkpoint.config["eos_token_id"]),
+                   context_window=checkpoint.context_window)
+
+    @property
+    def row_counts(self) -> tuple[int, int]:
+        """(rows in vLLM, rows not yet handed to it)."""
+        return len(self._rows), len(self._inbox)
+
+    def _loop(self) -> None:
+        while self._next():
+            self._step()
+
+    def _drop_in_flight(self) -> list[Row]:
+        rows = list(self._rows.values())
+        self._rows.clear()
+        return rows
+
+    def _unload(self) -> None:
+        self.__dict__.pop("llm", None)
+
+    def _next(self) -> bool:
+        """Hands newcomers to vLLM and aborts rows that ended early; False once closing."""
+        with self._wake:
+            while not self._inbox and not self._rows and not self._closing:
+                self._wake.wait()
+            if self._closing:
+                return False
+            newcomers = list(self._inbox)
+            self._inbox.clear()
+        now = time.monotonic()
+        for row in newcomers:
+            self._add(row, now)
+        ended = {rid: row for rid, row in self._rows.items() if row.cancelled or row.expired(now)}
+        if ended:
+            self.llm.abort_request(list(ended))
+            for rid, row in ended.items():
+                del self._rows[rid]
+                row.finish("cancelled" if row.cancelled else "time_limit")
+        return True
+
+    def _add(self, row: Row, now: float) -> None:
+        if row.cancelled or row.expired(now):
+            row.finish("cancelled" if row.cancelled else "time_limit")
+            return
+        request_id = str(next(self._ids))
+        try:
+            self.llm.add_request(request_id, {"prompt_token_ids": row.prompt}, sampling_params(row.settings,
+                                                                                               self.eos_id))
+        except Exception as exc:  # vLLM refused this row (its own checks): it alone fails
+            log.error("vLLM refused a row", exc_info=exc)
+            row.fail(exc)
+            return
+        row.started_at = now
+        self._rows[request_id] = row
+
+    def _step(self) -> None:
+        if not self._rows:
+            return
+        outputs = self.llm.step()
+        now, batch = time.monotonic(), len(self._rows)
+        for output in outputs:
+            row = self._rows.get(output.request_id)
+            if row is None:
+                continue
+            completion = output.outputs[0]
+            for token in completion.token_ids:  # the new ones only: RequestOutputKind.DELTA
+                row.emit(token, now, batch)
+            if output.finished:
+                del self._rows[output.request_id]
+                reason = _FINISH_REASONS.get(completion.finish_reason)
+                if reason is None:
+                    row.fail(InternalError(f"vLLM ended the row with {completion.finish_reason!r}"))
+                else:
+                    row.finish(reason)
+
+
+def sampling_params(settings: SamplingSettings, eos_id: int) -> Any:
+    """Our frozen settings as vLLM's SamplingParams, by name."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    sampled = not settings.greedy
+    return SamplingParams(
+        max_tokens=settings.max_new_tokens,
+        temperature=settings.temperature if sampled else 0.0,
+        top_p=settings.top_p if sampled else 1.0,
+        top_k=settings.top_k if sampled else 0,
+        repetition_penalty=settings.repetition_penalty,
+        seed=settings.seed if sampled else None,
+        # vLLM has no tokenizer here, so EOS is ours to name; the EOS token stays in the output,
+        # as it does on our engine.
+        stop_token_ids=[] if settings.ignore_eos else [eos_id],
+        ignore_eos=settings.ignore_eos,
+        detokenize=False,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def _build_llm_engine(args: dict[str, Any]) -> Any:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: see above
+    from vllm import EngineArgs
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    with _outside_flask():
+        return LLMEngine.from_engine_args(EngineArgs(**args))
+
+
+def _outside_flask() -> contextlib.AbstractContextManager:
+    """A throwaway Flask request context, so vLLM's start-up scan of loaded modules can read Flask's
+    context-local proxies without raising."""
+    try:
+        import flask
+    except ImportError:
+        return contextlib.nullcontext()
+    return flask.Flask(__name__).test_request_context()
