@@ -13,6 +13,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt pyproj
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -r requirements-dev.txt -e .
+	# vLLM's CPU build pulls torchvision/torchaudio/torchcodec wheels built for another torch; with that
+	# torchvision present, transformers' Mixtral import fails ("operator torchvision::nms does not exist").
+	# vLLM serves text models without them.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 # The embedded tiny Mixtral, packaged as an MLflow model, when model/ holds no model yet: a real
