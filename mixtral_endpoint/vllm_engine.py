@@ -38,10 +38,11 @@ _FINISH_REASONS = {"stop": "stop", "length": "length"}  # vLLM's; "abort" never 
 class VllmEngine(EngineThread):
     name = "vllm"
 
-    def __init__(self, build: Callable[[], Any], *, eos_id: int, context_window: int) -> None:
+    def __init__(self, build: Callable[[], Any], *, eos_id: int, context_window: int, vocab_size: int) -> None:
         """Starts the engine thread, which calls `build` (an LLMEngine); returns once it has."""
         self.eos_id = eos_id
         self.context_window = context_window
+        self.vocab_size = vocab_size
         self._rows: dict[str, Row] = {}  # vLLM request id -> row; the engine thread's own
         self._ids = itertools.count()
 
@@ -81,7 +82,7 @@ class VllmEngine(EngineThread):
             args["kv_cache_memory_bytes"] = plan.kv_bytes  # the sizing plan's cache for batch x context
         log.info("loading %s with vLLM: %s", checkpoint.path, plan.verdict)
         return cls(lambda: _build_llm_engine(args), eos_id=int(checkpoint.config["eos_token_id"]),
-                   context_window=checkpoint.context_window)
+                   context_window=checkpoint.context_window, vocab_size=int(checkpoint.config["vocab_size"]))
 
     @property
     def row_counts(self) -> tuple[int, int]:
@@ -126,10 +127,15 @@ class VllmEngine(EngineThread):
             return
         request_id = str(next(self._ids))
         try:
+            # vLLM without a tokenizer checks no token id: one past the vocabulary would crash its step.
+            if not row.prompt or not all(0 <= t < self.vocab_size for t in row.prompt):
+                raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}) and not empty")
+            if len(row.prompt) + row.settings.max_new_tokens > self.context_window:
+                raise ValueError("the prompt and max_new_tokens are over the context window")
             self.llm.add_request(request_id, {"prompt_token_ids": row.prompt}, sampling_params(row.settings,
                                                                                                self.eos_id))
-        except Exception as exc:  # vLLM refused this row (its own checks): it alone fails
-            log.error("vLLM refused a row", exc_info=exc)
+        except Exception as exc:  # this row alone fails
+            log.error("a row was refused", exc_info=exc)
             row.fail(exc)
             return
         row.started_at = now
