@@ -1,4 +1,5 @@
-"""Engine benchmark, in-process: continuous batching vs transformers generate on the same model.
+"""Step-level benchmark, in-process: our continuous batching vs transformers generate on the same model.
+(`bench/engines.py` compares both engines of the server with raw vLLM.)
 
     python bench/engine.py --model tiny            # CPU or GPU, the embedded tiny Mixtral
     python bench/engine.py --model mixtral         # GPU: random bf16 weights of Mixtral-8x7B's real config
@@ -24,12 +25,12 @@ from transformers import GenerationConfig, MixtralConfig, MixtralForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mixtral_endpoint.scheduler import Scheduler  # noqa: E402
-
 from mixtral_endpoint.checkpoint import MIXTRAL_8X7B_CONFIG  # noqa: E402
-from mixtral_endpoint.engine import Engine, Row  # noqa: E402
+from mixtral_endpoint.engine import Row  # noqa: E402
 from mixtral_endpoint.sampling import SamplingSettings  # noqa: E402
+from mixtral_endpoint.stepper import Stepper  # noqa: E402
 from mixtral_endpoint.tiny import tiny_model  # noqa: E402
+from mixtral_endpoint.transformers_engine import TransformersEngine  # noqa: E402
 
 ACTIVE_PARAMETERS = 12.9e9  # Mixtral-8x7B, per token: 2 of 8 experts plus the shared layers
 H200_BANDWIDTH = 4.8e12  # bytes/s, the data sheet's HBM3e figure
@@ -74,7 +75,7 @@ def hf_generate(model: MixtralForCausalLM, prompts: list[list[int]], new_tokens:
     assert out.shape[1] == width + new_tokens
 
 
-def crowd(scheduler: Scheduler, prompts: list[list[int]], settings: SamplingSettings) -> list[Row]:
+def crowd(scheduler: TransformersEngine, prompts: list[list[int]], settings: SamplingSettings) -> list[Row]:
     """Every prompt submitted at once by its own caller thread; returns when all are done."""
     rows = [Row(p, settings) for p in prompts]
     callers = [threading.Thread(target=scheduler.submit, args=([row],)) for row in rows]
@@ -100,8 +101,8 @@ def main() -> None:
     print(f"model {args.model} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} "
           f"({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, built in "
           f"{time.perf_counter() - started:.0f} s)", flush=True)
-    engine = Engine(model, eos_id=2, context_window=model.config.max_position_embeddings)
-    scheduler = Scheduler(lambda: engine, max_batch=args.callers, max_queue=args.callers)
+    engine = Stepper(model, eos_id=2, context_window=model.config.max_position_embeddings)
+    scheduler = TransformersEngine(lambda: engine, max_batch=args.callers)
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 32000, (args.prompt_tokens - i,), generator=generator).tolist()
                for i in range(args.callers)]  # slightly different lengths, as real callers have

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from mixtral_endpoint.batch import read_lines, score_lines
+
+from .conftest import ENGINES
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -41,7 +44,8 @@ def inputs(tmp_path: Path) -> list[Path]:
     return [good, mixed, empty, tmp_path / "missing.jsonl"]
 
 
-def test_every_line_gets_one_row_and_bad_lines_are_error_rows(scorer, inputs: list[Path]):
+def test_every_line_gets_one_row_and_bad_lines_are_error_rows(any_scorer, inputs: list[Path]):
+    scorer = any_scorer
     rows = list(score_lines(scorer, read_lines(map(str, inputs)), workers=4))
     by_key = {(Path(r["file"]).name, r["line"]): r for r in rows}
     assert len(by_key) == len(rows) == 5 + 5 + 1 + 1
@@ -60,28 +64,33 @@ def test_every_line_gets_one_row_and_bad_lines_are_error_rows(scorer, inputs: li
     assert ("mixed.jsonl", 3) not in by_key  # blank lines are not requests
 
 
-def test_azure_batch_entry_script_returns_one_row_per_line(azureml_models: Path, inputs: list[Path],
+@pytest.mark.parametrize("engine", ENGINES)
+def test_azure_batch_entry_script_returns_one_row_per_line(azureml_models: Path, inputs: list[Path], engine: str,
                                                            monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("AZUREML_MODEL_DIR", str(azureml_models))
+    monkeypatch.setenv("MIXTRAL_ENGINE", engine)
     spec = importlib.util.spec_from_file_location("batch_score", ROOT / "batch_score.py")
     entry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(entry)
     entry.init()
     rows = [json.loads(r) for r in entry.run([str(p) for p in inputs])]
-    assert len(rows) == 12
+    entry.scorer.close()
+    assert entry.scorer.engine.name == engine and len(rows) == 12
     assert sum("error" in r for r in rows) == 5 and sum("response" in r for r in rows) == 7
 
 
-def run_batch(args: list[str], **kwargs: object) -> subprocess.Popen:
+def run_batch(args: list[str], engine: str) -> subprocess.Popen:
     return subprocess.Popen([str(BIN / "mixtral-endpoint"), "batch", *args, "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MIXTRAL_ENGINE": engine})
 
 
-def test_killed_and_restarted_the_output_has_every_line_exactly_once(mlflow_model: Path, tmp_path: Path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_killed_and_restarted_the_output_has_every_line_exactly_once(mlflow_model: Path, tmp_path: Path, engine: str):
     source = write_jsonl(tmp_path / "in.jsonl", [request(i, max_new_tokens=24) for i in range(60)])
     output = tmp_path / "out.jsonl"
     args = [str(source), "--output", str(output), "--model", str(mlflow_model), "--workers", "4"]
-    first = run_batch(args)
+    first = run_batch(args, engine)
     deadline = time.monotonic() + 120
     while (not output.exists() or output.read_text().count("\n") < 8) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -91,7 +100,7 @@ def test_killed_and_restarted_the_output_has_every_line_exactly_once(mlflow_mode
     assert 8 <= done_before < 60
     with output.open("a") as f:
         f.write('{"file": "half a row cut by the ki')  # a kill in the middle of a write
-    second = run_batch(args)
+    second = run_batch(args, engine)
     out, err = second.communicate(timeout=300)
     assert second.returncode == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
@@ -100,6 +109,6 @@ def test_killed_and_restarted_the_output_has_every_line_exactly_once(mlflow_mode
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert sorted(r["line"] for r in rows) == list(range(1, 61))
     assert all(r["response"][0]["usage"]["completion_tokens"] == 24 for r in rows)
-    again = run_batch(args)
+    again = run_batch(args, engine)
     out, _ = again.communicate(timeout=120)
     assert json.loads(out.strip().splitlines()[-1])["rows"] == 0

@@ -14,17 +14,20 @@ import requests
 
 from mixtral_endpoint.localserver import free_port
 
-from .conftest import SERVER_ENV
+from .conftest import ENGINES, SERVER_ENV
 
 BIN = Path(sys.executable).parent
 CONVERSATION = [{"role": "user", "content": "What is so great about the Eiffel Tower?"}]
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(mlflow_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@pytest.fixture(scope="module", params=ENGINES)
+def mlflow_server(mlflow_model: Path, tmp_path_factory: pytest.TempPathFactory,
+                  request: pytest.FixtureRequest) -> Iterator[str]:
+    """`mlflow models serve` on each engine; its answers are compared with our engine's (greedy parity)."""
     port = free_port()
     log = (tmp_path_factory.mktemp("mlflow-serve") / "serve.log").open("wb")
-    env = {**os.environ, **SERVER_ENV, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, **SERVER_ENV, "MIXTRAL_ENGINE": request.param,
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     process = subprocess.Popen(
         [str(BIN / "mlflow"), "models", "serve", "-m", str(mlflow_model), "--env-manager", "local",
          "-h", "127.0.0.1", "-p", str(port)],

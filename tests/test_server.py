@@ -83,7 +83,9 @@ BAD = [
 
 
 @pytest.mark.parametrize(("body", "status", "param"), BAD)
-def test_malformed_requests_get_a_4xx_naming_the_field(server: str, body: object, status: int, param: str | None):
+def test_malformed_requests_get_a_4xx_naming_the_field(any_server: tuple[str, Path], body: object, status: int,
+                                                      param: str | None):
+    server, _ = any_server
     assert_error(post(server, body), status, param)
 
 

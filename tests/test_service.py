@@ -1,4 +1,4 @@
-"""Core tier: a payload in, the response contract out, on the tiny Mixtral."""
+"""Core tier: a payload in, the response contract out, on the tiny Mixtral, on each engine."""
 
 from __future__ import annotations
 
@@ -25,17 +25,17 @@ def chat(**parameters: object) -> dict:
     return {"input_data": {"input_string": CHAT}, "parameters": parameters}
 
 
-def test_sample_request_gets_a_valid_response(scorer: Scorer):
+def test_sample_request_gets_a_valid_response(any_scorer: Scorer):
     payload = json.loads((ROOT / "sample-request.json").read_text())
     payload["parameters"]["max_new_tokens"] = 32  # the test server's cap is 64
-    body = scorer.score(payload)
+    body = any_scorer.score(payload)
     RESPONSE.validate(body)
     assert body["messages"][-1]["content"] == body["output"]
     assert body["usage"]["completion_tokens"] == 32 and body["finish_reason"] == "length"
 
 
-def test_chat_output_is_only_the_new_message(scorer: Scorer, tokenizer):
-    body = scorer.score(chat(max_new_tokens=12, return_token_ids=True))
+def test_chat_output_is_only_the_new_message(any_scorer: Scorer, tokenizer):
+    body = any_scorer.score(chat(max_new_tokens=12, return_token_ids=True))
     RESPONSE.validate(body)
     assert "messages" not in body
     assert body["output"] == tokenizer.decode(body["token_ids"])
@@ -43,25 +43,25 @@ def test_chat_output_is_only_the_new_message(scorer: Scorer, tokenizer):
     assert body["usage"]["prompt_tokens"] == len(body["prompt_token_ids"])
 
 
-def test_text_prompts_get_one_row_each_in_order(scorer: Scorer):
-    rows = scorer.score(text("Once upon a time", "The capital of France is", max_new_tokens=8))
+def test_text_prompts_get_one_row_each_in_order(any_scorer: Scorer):
+    rows = any_scorer.score(text("Once upon a time", "The capital of France is", max_new_tokens=8))
     RESPONSE.validate(rows)
     assert len(rows) == 2
-    singles = [scorer.score(text(p, max_new_tokens=8))[0] for p in ("Once upon a time", "The capital of France is")]
+    singles = [any_scorer.score(text(p, max_new_tokens=8))[0] for p in ("Once upon a time", "The capital of France is")]
     assert rows == singles
 
 
-def test_return_full_text_for_text_prompts_is_prompt_plus_completion(scorer: Scorer):
-    plain = scorer.score(text("Once upon a time", max_new_tokens=8))[0]["0"]
-    full = scorer.score(text("Once upon a time", max_new_tokens=8, return_full_text=True))[0]["0"]
+def test_return_full_text_for_text_prompts_is_prompt_plus_completion(any_scorer: Scorer):
+    plain = any_scorer.score(text("Once upon a time", max_new_tokens=8))[0]["0"]
+    full = any_scorer.score(text("Once upon a time", max_new_tokens=8, return_full_text=True))[0]["0"]
     assert full == "Once upon a time" + plain
 
 
-def test_stop_string_cuts_before_the_stop_text(scorer: Scorer):
-    free = scorer.score(text("Once upon a time", max_new_tokens=24, return_token_ids=True))[0]
+def test_stop_string_cuts_before_the_stop_text(any_scorer: Scorer):
+    free = any_scorer.score(text("Once upon a time", max_new_tokens=24, return_token_ids=True))[0]
     words = free["0"].split()
     stop = words[2]
-    cut = scorer.score(text("Once upon a time", max_new_tokens=24, stop=stop, return_token_ids=True))[0]
+    cut = any_scorer.score(text("Once upon a time", max_new_tokens=24, stop=stop, return_token_ids=True))[0]
     assert cut["finish_reason"] == "stop"
     assert cut["0"] == free["0"][: free["0"].find(stop)]
     assert stop not in cut["0"]
@@ -69,39 +69,39 @@ def test_stop_string_cuts_before_the_stop_text(scorer: Scorer):
     assert cut["token_ids"] == free["token_ids"][: len(cut["token_ids"])]
 
 
-def test_stop_strings_that_never_appear_change_nothing(scorer: Scorer):
-    free = scorer.score(text("Once upon a time", max_new_tokens=12))
-    assert scorer.score(text("Once upon a time", max_new_tokens=12, stop=["@@never@@", "##no##"])) == free
+def test_stop_strings_that_never_appear_change_nothing(any_scorer: Scorer):
+    free = any_scorer.score(text("Once upon a time", max_new_tokens=12))
+    assert any_scorer.score(text("Once upon a time", max_new_tokens=12, stop=["@@never@@", "##no##"])) == free
 
 
-def test_seeded_sampling_is_reproducible_through_the_core(scorer: Scorer):
+def test_seeded_sampling_is_reproducible_through_the_core(any_scorer: Scorer):
     request = chat(do_sample=True, temperature=0.8, top_p=0.9, top_k=50, seed=5, max_new_tokens=16)
-    assert scorer.score(request) == scorer.score(request)
+    assert any_scorer.score(request) == any_scorer.score(request)
 
 
-def test_prompt_plus_max_new_tokens_over_the_context_window(scorer: Scorer):
+def test_prompt_plus_max_new_tokens_over_the_context_window(any_scorer: Scorer):
     # The test scorer's window is 512 tokens.
     with pytest.raises(ContextLengthExceeded) as caught:
-        scorer.score(text("short", "word " * 600, max_new_tokens=8))
+        any_scorer.score(text("short", "word " * 600, max_new_tokens=8))
     assert caught.value.param == "input_data.input_string[1]"
     assert "512" in caught.value.message and caught.value.status == 400
 
 
-def test_too_many_prompts_for_the_server_cap(scorer: Scorer):
+def test_too_many_prompts_for_the_server_cap(any_scorer: Scorer):
     with pytest.raises(InvalidRequest, match="at most 4"):
-        scorer.score(text(*["hi"] * 5))
+        any_scorer.score(text(*["hi"] * 5))
 
 
-def test_oversized_body_is_refused_before_parsing(scorer: Scorer):
+def test_oversized_body_is_refused_before_parsing(any_scorer: Scorer):
     with pytest.raises(PayloadTooLarge) as caught:
-        scorer.score_body(b"{" * (scorer.config.max_body_bytes + 1))
+        any_scorer.score_body(b"{" * (any_scorer.config.max_body_bytes + 1))
     assert caught.value.status == 413
 
 
-def test_max_new_tokens_above_the_server_cap(scorer: Scorer):
+def test_max_new_tokens_above_the_server_cap(any_scorer: Scorer):
     with pytest.raises(InvalidRequest, match="at most 64"):
-        scorer.score(text("hi", max_new_tokens=65))
+        any_scorer.score(text("hi", max_new_tokens=65))
 
 
-def test_default_max_new_tokens_comes_from_the_server(scorer: Scorer):
-    assert scorer.score(text("hi"))[0]["usage"]["completion_tokens"] == 16
+def test_default_max_new_tokens_comes_from_the_server(any_scorer: Scorer):
+    assert any_scorer.score(text("hi"))[0]["usage"]["completion_tokens"] == 16

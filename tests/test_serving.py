@@ -1,5 +1,5 @@
-"""Serving one model copy to many callers, through a real azmlinfsrv: batching, backpressure,
-deadlines and streaming."""
+"""Serving one model copy to many callers, through a real azmlinfsrv on each engine: batching,
+backpressure, deadlines and streaming."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import requests
 
 from mixtral_endpoint.localserver import LocalServer
 
-from .conftest import SERVER_ENV
+from .conftest import ENGINES, SERVER_ENV
 
 CHAT = [{"role": "user", "content": "What is so great about the Eiffel Tower?"}]
 
@@ -40,12 +40,13 @@ def events(response: requests.Response) -> list[object]:
     return [json.loads(line) for line in lines[:-1]]
 
 
-@pytest.fixture(scope="module")
-def tight_server(azureml_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+@pytest.fixture(scope="module", params=ENGINES)
+def tight_server(azureml_models: Path, tmp_path_factory: pytest.TempPathFactory,
+                 request: pytest.FixtureRequest) -> Iterator[tuple[str, int]]:
     """A server with room for 2 rows generating and 2 waiting, a 0.3 s deadline, and 16 threads."""
     log = tmp_path_factory.mktemp("tight") / "azmlinfsrv.log"
     env = {**SERVER_ENV, "MIXTRAL_MAX_BATCH_SIZE": "2", "MIXTRAL_MAX_QUEUE": "2", "MIXTRAL_MAX_PROMPTS": "2",
-           "MIXTRAL_REQUEST_TIMEOUT_S": "0.3", "MIXTRAL_MAX_NEW_TOKENS": "400"}
+           "MIXTRAL_REQUEST_TIMEOUT_S": "0.3", "MIXTRAL_MAX_NEW_TOKENS": "400", "MIXTRAL_ENGINE": request.param}
     with LocalServer(azureml_models, log, env, threads=16) as server:
         yield server.url, server.process.pid
 
@@ -60,7 +61,8 @@ REQUESTS = [
 ]
 
 
-def test_concurrent_requests_are_batched_and_keep_their_own_settings(server: str, server_log: Path):
+def test_concurrent_requests_are_batched_and_keep_their_own_settings(any_server: tuple[str, Path]):
+    server, server_log = any_server
     alone = [post(server, payload).json() for payload in REQUESTS]
     with ThreadPoolExecutor(len(REQUESTS) * 2) as pool:
         crowd = list(pool.map(lambda p: post(server, p, headers={"x-request-id": "crowd"}).json(),
@@ -70,7 +72,8 @@ def test_concurrent_requests_are_batched_and_keep_their_own_settings(server: str
     assert len(batches) == len(crowd) and max(batches) > 1
 
 
-def test_stop_string_in_one_request_leaves_the_others_alone(server: str):
+def test_stop_string_in_one_request_leaves_the_others_alone(any_server: tuple[str, Path]):
+    server, _ = any_server
     free = post(server, text("Once upon a time", max_new_tokens=24)).json()[0]["0"]
     stop = free.split()[1]
     payloads = [text("Once upon a time", max_new_tokens=24, stop=stop), *REQUESTS[:3]]
@@ -80,7 +83,8 @@ def test_stop_string_in_one_request_leaves_the_others_alone(server: str):
     assert others == [post(server, p).json() for p in REQUESTS[:3]]
 
 
-def test_bad_requests_among_good_ones_do_not_disturb_them(server: str):
+def test_bad_requests_among_good_ones_do_not_disturb_them(any_server: tuple[str, Path]):
+    server, _ = any_server
     garbage = [{"input_data": {"input_string": [{"role": "assistant", "content": "x"}]}}, {"nope": 1},
                text("hi", temperature=-1), text("hi", max_new_tokens=10_000)]
     payloads = [REQUESTS[0], *garbage, REQUESTS[1]]
@@ -90,7 +94,8 @@ def test_bad_requests_among_good_ones_do_not_disturb_them(server: str):
     assert responses[0].json() == post(server, REQUESTS[0]).json()
 
 
-def test_stream_sends_chunks_then_finish_reason_and_usage(server: str):
+def test_stream_sends_chunks_then_finish_reason_and_usage(any_server: tuple[str, Path]):
+    server, _ = any_server
     whole = post(server, chat(max_new_tokens=24, return_token_ids=True)).json()
     streamed = events(post(server, chat(max_new_tokens=24, return_token_ids=True, stream=True), stream=True))
     *deltas, end = streamed
@@ -100,7 +105,8 @@ def test_stream_sends_chunks_then_finish_reason_and_usage(server: str):
                    "prompt_token_ids": whole["prompt_token_ids"], "token_ids": whole["token_ids"]}
 
 
-def test_stream_never_sends_the_stop_string(server: str):
+def test_stream_never_sends_the_stop_string(any_server: tuple[str, Path]):
+    server, _ = any_server
     free = post(server, text("Once upon a time", max_new_tokens=24)).json()[0]["0"]
     stop = free.split()[2]
     *deltas, end = events(post(server, text("Once upon a time", max_new_tokens=24, stop=stop, stream=True)))
@@ -108,12 +114,14 @@ def test_stream_never_sends_the_stop_string(server: str):
     assert end["finish_reason"] == "stop"
 
 
-def test_stream_takes_one_prompt(server: str):
+def test_stream_takes_one_prompt(any_server: tuple[str, Path]):
+    server, _ = any_server
     response = post(server, {"input_data": {"input_string": ["a", "b"]}, "parameters": {"stream": True}})
     assert response.status_code == 400 and response.json()["error"]["param"] == "parameters.stream"
 
 
-def test_a_caller_that_disconnects_mid_stream_does_not_hurt_others(server: str):
+def test_a_caller_that_disconnects_mid_stream_does_not_hurt_others(any_server: tuple[str, Path]):
+    server, _ = any_server
     host, port = server.removeprefix("http://").split(":")
     body = json.dumps(text("Once upon a time", max_new_tokens=64, stream=True)).encode()
     with socket.create_connection((host, int(port)), timeout=30) as sock:

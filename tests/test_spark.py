@@ -1,4 +1,5 @@
-"""model/ scores Spark DataFrames through mlflow.pyfunc.spark_udf, row by row as /score answers."""
+"""model/ scores Spark DataFrames through mlflow.pyfunc.spark_udf, row by row as /score answers, on each engine
+(greedy: both give our engine's tokens)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pyspark.sql import SparkSession
 from pyspark.sql.types import ArrayType, LongType, StringType, StructField, StructType
 
 from mixtral_endpoint.service import Scorer
+
+from .conftest import ENGINES
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("java") is None and "JAVA_HOME" not in os.environ,
@@ -40,9 +43,10 @@ CHAT_RESULT = StructType([StructField("output", StringType()), StructField("fini
 MESSAGES = ArrayType(StructType([StructField("role", StringType()), StructField("content", StringType())]))
 
 
-@pytest.fixture(scope="module")
-def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SparkSession]:
-    """A small local Spark whose Python workers run this interpreter, so they see the venv's packages."""
+@pytest.fixture(scope="module", params=ENGINES)
+def spark(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[SparkSession]:
+    """A small local Spark whose Python workers run this interpreter, so they see the venv's packages, and
+    load the model on the engine under test."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("PYSPARK_PYTHON", sys.executable)  # else workers run the first `python3` on PATH
         session = (
@@ -53,6 +57,7 @@ def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SparkSession]:
             .config("spark.log.level", "ERROR")
             .config("spark.sql.shuffle.partitions", "2")
             .config("spark.local.dir", str(tmp_path_factory.mktemp("spark")))
+            .config("spark.executorEnv.MIXTRAL_ENGINE", request.param)
             .getOrCreate()
         )
         try:
