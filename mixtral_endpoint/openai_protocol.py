@@ -1,0 +1,251 @@
+"""The OpenAI and Azure AI Model Inference protocol: their bodies in as the core's request, the core's
+completions out as their objects. Pure: no torch, flask, azureml or mlflow.
+
+A body is translated into the same `{"input_data", "parameters"}` payload /score takes and validated
+by the same `parse_request`, so both APIs share every rule; an error's `param` is then renamed from
+our path to the OpenAI field the caller sent (`parameters.max_new_tokens` -> `max_tokens`,
+`input_data.input_string[1].role` -> `messages[1].role`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .errors import InvalidRequest, ScoringError
+from .parameters import PARAMETERS
+from .protocol import Completion, RequestLimits, ScoringRequest, parse_request
+
+MODEL_NAME = "mixtral-8x7b"
+MODEL_INFO = {"model_name": MODEL_NAME, "model_type": "chat-completion", "model_provider_name": "Mistral AI"}
+Route = Literal["chat", "completions"]
+
+# The OpenAI fields each route understands. Ours that OpenAI lacks (top_k, repetition_penalty,
+# ignore_eos) are "extra parameters", governed by the `extra-parameters` header.
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "n", "user",
+           "logprobs", "frequency_penalty", "presence_penalty", "logit_bias"}
+OPENAI_FIELDS: dict[Route, frozenset[str]] = {
+    "chat": frozenset(_COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                                 "parallel_tool_calls", "response_format", "functions", "function_call"}),
+    "completions": frozenset(_COMMON | {"prompt", "echo", "best_of", "suffix"}),
+}
+# Our parameters as the OpenAI names them; those not among OPENAI_FIELDS are extras.
+_OURS = {p.openai: p.name for p in PARAMETERS if p.openai is not None}
+EXTRAS = tuple(sorted(name for name in _OURS if name not in OPENAI_FIELDS["chat"]))
+EXTRA_MODES = ("error", "drop", "pass-through")
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_STATUS_TYPES = {400: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                 500: "server_error", 503: "service_unavailable_error"}
+
+
+@dataclass(frozen=True)
+class OpenAIRequest:
+    route: Route
+    request: ScoringRequest
+    include_usage: bool  # stream_options.include_usage: a last chunk carrying usage
+
+
+def parse(body: Any, route: Route, limits: RequestLimits, *, extra_parameters: str | None) -> OpenAIRequest:
+    """Validates an OpenAI body through the core's own rules; errors name the OpenAI field."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    mode = (extra_parameters or "error").strip().lower()
+    if mode not in EXTRA_MODES:
+        raise InvalidRequest(f"the extra-parameters header must be one of {', '.join(EXTRA_MODES)}, got "
+                             f"{_clip(extra_parameters or '')!r}", param="extra-parameters")
+    _refuse_what_mixtral_cannot_do(body, route)
+    parameters = _parameters(body, route, mode)
+    items, names = (_messages(body) if route == "chat" else _prompts(body))
+    payload = {"input_data": {"input_string": items}, "parameters": parameters}
+    try:
+        request = parse_request(payload, limits)
+    except ScoringError as exc:
+        exc.param = _rename(exc.param, names, body)
+        raise
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise InvalidRequest("stream_options must be an object", param="stream_options")
+    return OpenAIRequest(route, request, include_usage=bool(options.get("include_usage")))
+
+
+def rename_param(param: str | None, route: Route, body: Any) -> str | None:
+    """Our path of a field as the OpenAI body names it; an OpenAI name is left as it is."""
+    names = ("messages", None) if route == "chat" else ("prompt", isinstance(body, dict) and
+                                                       isinstance(body.get("prompt"), str))
+    return _rename(param, names, body if isinstance(body, dict) else {})
+
+
+def _refuse_what_mixtral_cannot_do(body: dict[str, Any], route: Route) -> None:
+    # Mixtral-8x7B's v1 tokenizer has no tool calls, and this server returns one choice without logprobs.
+    for name in ("tools", "tool_choice", "functions", "function_call", "response_format", "suffix"):
+        if body.get(name) not in (None, [], {}):
+            raise InvalidRequest(f"{name} is not supported: Mixtral-8x7B's tokenizer (v1) has no tool calls or "
+                                 "structured output" if name != "suffix" else "suffix is not supported", param=name)
+    for name, allowed in (("n", (None, 1)), ("best_of", (None, 1)), ("logprobs", (None, False, 0)),
+                          ("top_logprobs", (None, 0)), ("echo", (None, False)),
+                          ("frequency_penalty", (None, 0)), ("presence_penalty", (None, 0)), ("logit_bias", (None, {}))):
+        value = body.get(name)
+        if value not in allowed or isinstance(value, bool) and name not in ("logprobs", "echo"):
+            raise InvalidRequest(f"{name} is not supported: only {allowed[1]!r} (this server returns one choice, "
+                                 "without logprobs; repetition_penalty is its penalty)", param=name)
+
+
+def _parameters(body: dict[str, Any], route: Route, mode: str) -> dict[str, Any]:
+    parameters: dict[str, Any] = {}
+    extras = [k for k in body if k not in OPENAI_FIELDS[route]]
+    if extras and mode == "error":
+        raise InvalidRequest(f"unknown parameter '{_clip(extras[0])}'; extra parameters ({', '.join(EXTRAS)}) need "
+                             "the header extra-parameters: pass-through", param=_clip(extras[0]))
+    if mode == "pass-through":
+        unknown = [k for k in extras if k not in EXTRAS]
+        if unknown:
+            raise InvalidRequest(f"unknown parameter '{_clip(unknown[0])}'; this model takes the extra parameters "
+                                 f"{', '.join(EXTRAS)}", param=_clip(unknown[0]))
+        parameters.update({_OURS[k]: body[k] for k in extras})
+    for name in ("temperature", "top_p", "stop", "seed", "stream"):
+        if body.get(name) is not None:
+            parameters[_OURS[name]] = body[name]
+    # OpenAI samples unless temperature is 0; its default temperature is 1.
+    temperature = body.get("temperature")
+    parameters["do_sample"] = temperature != 0 or isinstance(temperature, bool)
+    limit = [body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None]
+    if len(limit) == 2 and limit[0] != limit[1]:
+        raise InvalidRequest("max_tokens and max_completion_tokens differ; send one of them",
+                             param="max_completion_tokens")
+    if limit:
+        parameters["max_new_tokens"] = limit[0]
+    return parameters
+
+
+def _messages(body: dict[str, Any]) -> tuple[Any, tuple[str, bool | None]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise InvalidRequest("messages is required: a list of {role, content} messages", param="messages")
+    converted = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidRequest(f"messages[{i}] must be an object with role and content", param=f"messages[{i}]")
+        role = message.get("role")
+        if role not in _ROLES:
+            raise InvalidRequest(f"messages[{i}].role must be one of system, developer, user, assistant, got "
+                                 f"{_clip(str(role))!r}", param=f"messages[{i}].role")
+        if message.get("tool_calls"):
+            raise InvalidRequest("tool_calls are not supported by Mixtral-8x7B's tokenizer (v1)",
+                                 param=f"messages[{i}].tool_calls")
+        converted.append({"role": _ROLES[role], "content": _text(message.get("content"), f"messages[{i}].content")})
+    return converted, ("messages", None)
+
+
+def _text(content: Any, path: str) -> Any:
+    """A message's content: a string, or a list of text parts joined."""
+    if not isinstance(content, list):
+        return content  # the core checks it is a non-empty string
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise InvalidRequest(f"{path}[{j}] must be a text part {{\"type\": \"text\", \"text\": ...}}; "
+                                 "Mixtral-8x7B reads text only", param=f"{path}[{j}]")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _prompts(body: dict[str, Any]) -> tuple[Any, tuple[str, bool | None]]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [prompt], ("prompt", True)
+    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        return prompt, ("prompt", False)
+    raise InvalidRequest("prompt is required: a string or a list of strings", param="prompt")
+
+
+def _rename(param: str | None, names: tuple[str, bool | None], body: dict[str, Any]) -> str | None:
+    if param is None:
+        return None
+    field, single = names
+    if param.startswith("input_data.input_string"):
+        rest = param[len("input_data.input_string"):]
+        return field + (re.sub(r"^\[0\]", "", rest) if single else rest)
+    name = param.removeprefix("parameters.").removeprefix("input_data.parameters.")
+    if name == "max_new_tokens":
+        return "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if name == "do_sample":
+        return "temperature"
+    openai = {ours: theirs for theirs, ours in _OURS.items()}
+    return openai.get(name.split("[")[0], name) + name[len(name.split("[")[0]):]
+
+
+def error_body(error: ScoringError) -> dict[str, Any]:
+    """OpenAI's error shape, so the SDKs raise their typed errors."""
+    return {"error": {"message": error.message, "type": _STATUS_TYPES.get(error.status, "server_error"),
+                      "param": error.param, "code": error.code}}
+
+
+def usage(completions: list[Completion]) -> dict[str, int]:
+    prompt = sum(len(c.prompt_token_ids) for c in completions)
+    new = sum(len(c.token_ids) for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new}
+
+
+def finish_reason(completion: Completion) -> str:
+    # OpenAI has no "time_limit": the server's deadline cut the answer short, as max_tokens does.
+    return "length" if completion.finish_reason == "time_limit" else completion.finish_reason
+
+
+def render(parsed: OpenAIRequest, completions: list[Completion], request_id: str) -> dict[str, Any]:
+    head = _head(parsed, request_id, chunk=False)
+    if parsed.route == "chat":
+        (completion,) = completions
+        choices = [{"index": 0, "message": {"role": "assistant", "content": completion.text},
+                    "finish_reason": finish_reason(completion), "logprobs": None}]
+    else:
+        choices = [{"index": i, "text": c.text, "finish_reason": finish_reason(c), "logprobs": None}
+                   for i, c in enumerate(completions)]
+    return {**head, "choices": choices, "usage": usage(completions)}
+
+
+def render_chunk(parsed: OpenAIRequest, request_id: str, *, text: str | None = None,
+                 completion: Completion | None = None, first: bool = False) -> str:
+    """One server-sent event: the role (first), a piece of text, or the finish reason."""
+    reason = finish_reason(completion) if completion is not None else None
+    if parsed.route == "chat":
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+        if text is not None:
+            delta["content"] = text
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+    else:
+        choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+    return _event({**_head(parsed, request_id, chunk=True), "choices": [choice]})
+
+
+def render_stream_end(parsed: OpenAIRequest, request_id: str, completion: Completion) -> str:
+    events = render_chunk(parsed, request_id, completion=completion)
+    if parsed.include_usage:
+        events += _event({**_head(parsed, request_id, chunk=True), "choices": [], "usage": usage([completion])})
+    return events + "data: [DONE]\n\n"
+
+
+def render_stream_error(error: ScoringError) -> str:
+    return _event(error_body(error)) + "data: [DONE]\n\n"
+
+
+def models() -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "mistralai"}]}
+
+
+def _head(parsed: OpenAIRequest, request_id: str, *, chunk: bool) -> dict[str, Any]:
+    if parsed.route == "chat":
+        prefix, kind = "chatcmpl", "chat.completion.chunk" if chunk else "chat.completion"
+    else:
+        prefix, kind = "cmpl", "text_completion"
+    return {"id": f"{prefix}-{request_id}", "object": kind, "created": int(time.time()), "model": MODEL_NAME}
+
+
+def _event(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
