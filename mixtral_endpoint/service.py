@@ -17,13 +17,21 @@ import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .checkpoint import inspect_checkpoint
 from .config import ServerConfig
 from .detokenizer import Detokenizer
 from .engine import Engine, Row, load_engine
-from .errors import ContextLengthExceeded, InternalError, ModelNotReady, Overloaded, PayloadTooLarge
+from .errors import (
+    ContextLengthExceeded,
+    InternalError,
+    InvalidRequest,
+    ModelNotReady,
+    Overloaded,
+    PayloadTooLarge,
+    ScoringError,
+)
 from .protocol import (
     Completion,
     ScoringRequest,
@@ -87,29 +95,48 @@ class Scorer:
     def close(self) -> None:
         self.engine.close()
 
-    def score_body(self, body: bytes, *, request_id: str | None = None) -> Body | Iterator[str]:
-        """Scores a raw HTTP body: size cap first, then JSON, then the request."""
-        if len(body) > self.config.max_body_bytes:
-            raise PayloadTooLarge(
-                f"the request body is {len(body)} bytes; at most {self.config.max_body_bytes} are allowed")
-        return self.score(parse_json(body), request_id=request_id)
+    def read_json(self, body: BinaryIO, *, declared_length: int | None = None) -> Any:
+        """A request body as a door receives it: the size cap, then JSON. A body whose declared length
+        is over the cap is refused before a byte of it is read, and none is read past the cap
+        whatever it declares (a chunked body declares nothing)."""
+        limit = self.config.max_body_bytes
+        if declared_length is not None and declared_length > limit:
+            raise _too_large(f"{declared_length} bytes", limit)
+        data = body.read(limit + 1)
+        if len(data) > limit:
+            raise _too_large(f"over {limit} bytes", limit)
+        return parse_json(data)
 
-    def score(self, payload: Any, *, request_id: str | None = None) -> Body | Iterator[str]:
-        """The response body, or, for `stream: true`, an iterator of server-sent events.
-
-        Validation and admission happen before this returns, so a stream never starts with an error.
-        """
+    def score(self, payload: Any, *, request_id: str | None = None, stream_ok: bool = False) -> Body | Iterator[str]:
+        """The /score answer to a payload: the response body, or, for `stream: true` where the door can
+        stream, an iterator of server-sent events."""
         request = parse_request(payload, self.config.limits)
+        if request.stream and not stream_ok:
+            raise InvalidRequest("stream is served by the /score endpoint only", param="parameters.stream")
         request_id = request_id or uuid.uuid4().hex
+        if request.stream:
+            return _server_sent_events(request, self.stream(request, request_id))
+        return render(request, self.complete(request, request_id))
+
+    def complete(self, request: ScoringRequest, request_id: str) -> list[Completion]:
+        """Generates for every prompt of a validated request and waits for all."""
         prompts = self._encode(request)
         rows, texts, sink = self._submit(request, prompts)
-        if request.stream:
-            return self._events(request_id, request, rows[0], texts[0], sink)
         for _ in self._follow(request_id, rows, texts, sink):
             pass
         completions = [self._complete(row, text) for row, text in zip(rows, texts, strict=True)]
         self._log(request_id, request, rows, completions)
-        return render(request, completions)
+        return completions
+
+    def stream(self, request: ScoringRequest, request_id: str) -> Iterator[str | Completion]:
+        """New text as it is generated, then the Completion; a failure midway raises a ScoringError.
+
+        Validation and admission happen before this returns, so a stream never starts with an error.
+        """
+        assert request.prompts is None or len(request.prompts) == 1, "a stream has one prompt"
+        prompts = self._encode(request)
+        rows, texts, sink = self._submit(request, prompts)
+        return self._stream(request_id, request, rows[0], texts[0], sink)
 
     def score_all(self, payloads: Sequence[Any]) -> list[Body]:
         """Scores every payload at once, so the engine batches them, and waits for all (MLflow
@@ -118,16 +145,13 @@ class Scorer:
         with ThreadPoolExecutor(max(workers, 1), thread_name_prefix="score-all") as pool:
             return list(pool.map(self.score_patiently, payloads))
 
-    def score_patiently(self, payload: Any) -> Body:
+    def score_patiently(self, payload: Any) -> Body | Iterator[str]:
         """`score`, waiting for room in the line instead of raising Overloaded."""
         while True:
             try:
-                result = self.score(payload)
+                return self.score(payload)
             except Overloaded:
                 time.sleep(0.05)
-                continue
-            assert not isinstance(result, Iterator), "streams are served by /score only"
-            return result
 
     def _encode(self, request: ScoringRequest) -> list[list[int]]:
         if request.conversation is not None:
@@ -196,18 +220,13 @@ class Scorer:
             for row in rows:
                 row.cancel()  # a caller that went away, or a failed neighbour: stop at the next step
 
-    def _events(self, request_id: str, request: ScoringRequest, row: Row, text: Detokenizer,
-                sink: queue.SimpleQueue) -> Iterator[str]:
-        try:
-            with contextlib.closing(self._follow(request_id, [row], [text], sink)) as pieces:
-                for piece in pieces:
-                    if piece:
-                        yield render_stream_delta(piece)
-            completion = self._complete(row, text)
-            self._log(request_id, request, [row], [completion])
-            yield render_stream_end(request, completion)
-        except (InternalError, ModelNotReady) as exc:
-            yield render_stream_error(exc.body())
+    def _stream(self, request_id: str, request: ScoringRequest, row: Row, text: Detokenizer,
+                sink: queue.SimpleQueue) -> Iterator[str | Completion]:
+        with contextlib.closing(self._follow(request_id, [row], [text], sink)) as pieces:
+            yield from pieces
+        completion = self._complete(row, text)
+        self._log(request_id, request, [row], [completion])
+        yield completion
 
     @staticmethod
     def _complete(row: Row, text: Detokenizer) -> Completion:
@@ -231,3 +250,22 @@ class Scorer:
             started - submitted, first - submitted, seconds, new_tokens / seconds if seconds > 0 else 0.0,
             max(r.peak_batch for r in rows), ",".join(c.finish_reason for c in completions), extra,
         )
+
+
+def _server_sent_events(request: ScoringRequest, events: Iterator[str | Completion]) -> Iterator[str]:
+    """/score's stream: text deltas, then finish reason and usage, then [DONE]; a failure midway ends
+    it with an error event (the status line has gone out already)."""
+    try:
+        with contextlib.closing(events):  # a caller that goes away cancels its row
+            for item in events:
+                if isinstance(item, str):
+                    if item:
+                        yield render_stream_delta(item)
+                else:
+                    yield render_stream_end(request, item)
+    except ScoringError as exc:
+        yield render_stream_error(exc.body())
+
+
+def _too_large(size: str, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the request body is {size}; at most {limit} bytes are allowed")

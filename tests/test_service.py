@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def test_too_many_prompts_for_the_server_cap(any_scorer: Scorer):
 
 def test_oversized_body_is_refused_before_parsing(any_scorer: Scorer):
     with pytest.raises(PayloadTooLarge) as caught:
-        any_scorer.score_body(b"{" * (any_scorer.config.max_body_bytes + 1))
+        any_scorer.read_json(io.BytesIO(b"{" * (any_scorer.config.max_body_bytes + 1)))
     assert caught.value.status == 413
 
 
