@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--request", type=Path, default=Path("sample-request.json"))
     sample.add_argument("--out", type=Path, default=Path("sample-response.json"))
 
-    commands.add_parser("swagger", help="write swagger2.json and swagger3.json from schemas/")
+    commands.add_parser("swagger", help="write the parameters table into schemas/request.schema.json, then "
+                        "swagger2.json and swagger3.json from schemas/")
 
     sizing = commands.add_parser("plan", help="size a checkpoint for a machine from config and safetensors headers")
     sizing.add_argument("--checkpoint", type=Path, required=True)
@@ -95,9 +96,9 @@ def _sample_response(args: argparse.Namespace) -> int:
 
 
 def _swagger(args: argparse.Namespace) -> int:
-    from .swagger import write_swagger
+    from .swagger import write_request_schema, write_swagger
 
-    for path in write_swagger():
+    for path in [write_request_schema(), *write_swagger()]:
         print(path)
     return 0
 

@@ -24,7 +24,7 @@ from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
 from .config import ServerConfig
 from .errors import CheckpointError, InvalidRequest, ScoringError
-from .protocol import load_schema
+from .parameters import PARAMETERS, Parameter
 from .service import Scorer
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # the checkpoint folder, copied into the model
@@ -48,6 +48,8 @@ class MixtralModel(mlflow.pyfunc.PythonModel):
         /score's answer. In a DataFrame, a row holding one text prompt gets that prompt's row
         (`{"0": ..., "finish_reason", "usage"}`), and a row holding a conversation its chat response.
         """
+        # MLflow fills in every parameter the signature lists; None is "not given" (max_new_tokens's
+        # default is the server's, so the signature leaves it None).
         parameters = {k: v for k, v in (params or {}).items() if v is not None}
         try:
             if parameters.get("stream"):
@@ -109,15 +111,17 @@ def input_items(model_input: Any) -> list[Any]:
 
 
 def signature() -> mlflow.models.ModelSignature:
-    """Inputs of any shape in `input_string`; every request parameter with its default."""
-    specs = []
-    for name, spec in load_schema("request")["$defs"]["parameters"]["properties"].items():
-        if name == "stop":
-            specs.append(ParamSpec("stop", "string", [], (-1,)))
-            continue
-        kind = spec["type"] if isinstance(spec["type"], str) else spec["type"][0]
-        specs.append(ParamSpec(name, _MLFLOW_TYPES[kind], spec["default"]))
+    """Inputs of any shape in `input_string`; every request parameter, from the one table."""
     return mlflow.models.ModelSignature(
         inputs=Schema([ColSpec(AnyType(), "input_string")]),
-        params=ParamSchema(specs),
+        params=ParamSchema([_param_spec(p) for p in PARAMETERS]),
     )
+
+
+def _param_spec(parameter: Parameter) -> ParamSpec:
+    if parameter.max_items is not None:
+        # A string or a list of strings: MLflow's array params take a list, and need a list default.
+        return ParamSpec(parameter.name, "string", list(parameter.default), (-1,))
+    # A default the server decides stays unset here, or MLflow would send it with every predict.
+    default = None if parameter.server_decides_default else parameter.default
+    return ParamSpec(parameter.name, _MLFLOW_TYPES[parameter.type], default)

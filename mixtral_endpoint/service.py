@@ -111,14 +111,14 @@ class Scorer:
     def _events(self, request_id: str, request: ScoringRequest, prompt: list[int], row: Row) -> Iterator[str]:
         assert row.stream is not None
         # Hold back text that could still turn out to be the start of a stop string.
-        hold = max((len(s) for s in request.settings.stop), default=1) - 1
+        hold = max((len(s) for s in request.stop), default=1) - 1
         tokens: list[int] = []
         sent = 0
         try:
             while (token := row.stream.get(timeout=self.config.request_timeout_s + _GRACE_S)) is not None:
                 tokens.append(token)
                 text = self._text(request, prompt, tokens)
-                cut = _find_stop(text, request.settings.stop)
+                cut = _find_stop(text, request.stop)
                 # \ufffd at the end: a character whose bytes have not all arrived yet.
                 safe = cut if cut >= 0 else len(text) - hold - (1 if text.endswith("\ufffd") else 0)
                 if safe > sent:
@@ -138,7 +138,7 @@ class Scorer:
             row.cancelled = True  # a caller that went away stops its row at the next step
 
     def _stop_check(self, request: ScoringRequest) -> StopCheck | None:
-        stops = request.settings.stop
+        stops = request.stop
         if not stops:
             return None
         # A stop string of n characters spans at most 4n tokens (byte-fallback pieces are 1/4 char).
@@ -155,7 +155,7 @@ class Scorer:
                   finish_reason: str | None) -> Completion:
         assert finish_reason in ("stop", "length", "time_limit"), finish_reason
         text = self._text(request, prompt, tokens)
-        cut = _find_stop(text, request.settings.stop)
+        cut = _find_stop(text, request.stop)
         if cut >= 0:
             text, finish_reason = text[:cut], "stop"
         return Completion(text=text, prompt_token_ids=tuple(prompt), token_ids=tuple(tokens),

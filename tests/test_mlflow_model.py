@@ -10,8 +10,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from mixtral_endpoint.errors import CheckpointError
-from mixtral_endpoint.protocol import load_schema
-from mixtral_endpoint.pyfunc import find_mlmodel
+from mixtral_endpoint.pyfunc import find_mlmodel, signature
 from mixtral_endpoint.service import Scorer
 
 CONVERSATION = [{"role": "user", "content": "I am going to Paris, what should I see?"}]
@@ -27,10 +26,35 @@ def test_model_folder_holds_no_pickle(mlflow_model: Path):
     assert "model_code_path" in (mlflow_model / "MLmodel").read_text()
 
 
-def test_params_schema_lists_every_parameter_with_its_default(loaded: mlflow.pyfunc.PyFuncModel):
-    params = {p.name: p.default for p in loaded.metadata.get_params_schema().params}
-    properties = load_schema("request")["$defs"]["parameters"]["properties"]
-    assert params == {name: spec["default"] for name, spec in properties.items()}
+def test_saved_params_schema_is_the_parameter_table(loaded: mlflow.pyfunc.PyFuncModel):
+    saved = {p.name: p.default for p in loaded.metadata.get_params_schema().params}
+    assert saved == {p.name: p.default for p in signature().params.params}
+    assert saved["max_new_tokens"] is None  # the server's default, not one frozen into the model
+
+
+# (MIXTRAL_MAX_NEW_TOKENS, MIXTRAL_DEFAULT_MAX_NEW_TOKENS) -> (cap, default); None: unset.
+NEW_TOKEN_SETTINGS = [
+    (("128", "64"), (128, 64)),  # the report: predict without max_new_tokens was refused
+    ((None, "7"), (1024, 7)),
+    ((None, None), (1024, 256)),
+]
+
+
+@pytest.mark.parametrize(("env", "expected"), NEW_TOKEN_SETTINGS)
+def test_predict_takes_the_servers_default_and_cap_for_max_new_tokens(
+        mlflow_model: Path, monkeypatch: pytest.MonkeyPatch, env: tuple[str | None, str | None],
+        expected: tuple[int, int]):
+    for name, value in zip(("MIXTRAL_MAX_NEW_TOKENS", "MIXTRAL_DEFAULT_MAX_NEW_TOKENS"), env, strict=True):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    cap, default = expected
+    model = mlflow.pyfunc.load_model(str(mlflow_model))
+    ((row,),) = model.predict({"input_string": ["Once upon a time"]}, params={"ignore_eos": True})
+    assert row["usage"]["completion_tokens"] == default
+    with pytest.raises(MlflowException, match=f"at most {cap}"):
+        model.predict({"input_string": ["Once upon a time"]}, params={"max_new_tokens": cap + 1})
 
 
 def test_predict_matches_the_core_for_a_conversation(loaded: mlflow.pyfunc.PyFuncModel, scorer: Scorer):
