@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from mixtral_endpoint.batch import read_lines, score_lines
+from mixtral_endpoint.config import ServerConfig
 from mixtral_endpoint.pyfunc import load_scorer
 from mixtral_endpoint.service import Scorer
 
@@ -20,7 +21,9 @@ scorer: Scorer | None = None
 
 def init() -> None:
     global scorer
-    scorer = load_scorer(Path(os.environ.get("AZUREML_MODEL_DIR", "model")))
+    # The one place this door reads the environment; the settings are handed down from here.
+    config = ServerConfig.from_env(os.environ)
+    scorer = load_scorer(Path(os.environ.get("AZUREML_MODEL_DIR", "model")), config)
 
 
 def run(mini_batch: list[str]) -> list[str]:

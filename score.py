@@ -12,6 +12,7 @@ import flask
 from azureml_inference_server_http.api.aml_request import rawhttp
 from azureml_inference_server_http.api.aml_response import AMLResponse
 
+from mixtral_endpoint.config import ServerConfig
 from mixtral_endpoint.errors import InternalError, InvalidRequest, ModelNotReady, PayloadTooLarge, ScoringError
 from mixtral_endpoint.pyfunc import load_scorer
 from mixtral_endpoint.service import Scorer
@@ -23,7 +24,9 @@ scorer: Scorer | None = None
 def init() -> None:
     global scorer
     _log_to_stderr(logging.getLogger("mixtral_endpoint"))
-    scorer = load_scorer(Path(os.environ.get("AZUREML_MODEL_DIR", "model")))
+    # The one place this door reads the environment; the settings are handed down from here.
+    config = ServerConfig.from_env(os.environ)
+    scorer = load_scorer(Path(os.environ.get("AZUREML_MODEL_DIR", "model")), config)
 
 
 @rawhttp

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
 
+from .config import ServerConfig
 from .errors import CheckpointError
 
 
@@ -88,7 +90,7 @@ def _build_model(args: argparse.Namespace) -> int:
 def _sample_response(args: argparse.Namespace) -> int:
     from .pyfunc import load_scorer
 
-    scorer = load_scorer(args.model)
+    scorer = load_scorer(args.model, ServerConfig.from_env(os.environ))
     response = scorer.score(json.loads(args.request.read_text()))
     args.out.write_text(json.dumps(response, indent=2, ensure_ascii=False) + "\n")
     print(args.out)
@@ -124,8 +126,9 @@ def _batch(args: argparse.Namespace) -> int:
     from .batch import run_local
     from .pyfunc import load_scorer
 
-    scorer = load_scorer(args.model)
-    workers = args.workers or scorer.config.max_batch_size + scorer.config.max_queue
+    config = ServerConfig.from_env(os.environ)
+    scorer = load_scorer(args.model, config)
+    workers = args.workers or config.max_batch_size + config.max_queue
     summary = run_local(scorer, args.inputs, args.output, workers=workers, progress=not args.no_progress)
     print(json.dumps(summary))
     return 0

@@ -5,6 +5,7 @@ Saved as "models from code" (`model_code.py`), so `model/` holds no pickle.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -29,6 +30,9 @@ from .service import Scorer
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # the checkpoint folder, copied into the model
 REFERENCE_ARTIFACT = "checkpoint_reference"  # a JSON file naming the checkpoint folder elsewhere
+# The model_config key through which a door hands its ServerConfig (as a dict) to load_context.
+# Saved as None: MLflow lets a loader override only the keys a model was saved with.
+SERVER_CONFIG = "server_config"
 _MLFLOW_CODES = {400: INVALID_PARAMETER_VALUE, 413: INVALID_PARAMETER_VALUE, 429: REQUEST_LIMIT_EXCEEDED,
                  503: TEMPORARILY_UNAVAILABLE}
 _MLFLOW_TYPES = {"number": "double", "integer": "long", "boolean": "boolean", "string": "string"}
@@ -38,7 +42,11 @@ class MixtralModel(mlflow.pyfunc.PythonModel):
     scorer: Scorer
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        self.scorer = Scorer.load(checkpoint_dir(context.artifacts), ServerConfig.from_env(os.environ))
+        given = (context.model_config or {}).get(SERVER_CONFIG)
+        # score.py and batch_score.py hand their settings in (load_scorer). MLflow's own tools
+        # (load_model, models serve, spark_udf) start here: for them, this is init().
+        config = ServerConfig(**given) if given is not None else ServerConfig.from_env(os.environ)
+        self.scorer = Scorer.load(checkpoint_dir(context.artifacts), config)
 
     # No type hints on model_input: MLflow would read them as a second, type-hint signature.
     def predict(self, context, model_input, params=None):  # noqa: ANN001
@@ -72,9 +80,16 @@ def checkpoint_dir(artifacts: dict[str, str]) -> Path:
     return Path(json.loads(Path(artifacts[REFERENCE_ARTIFACT]).read_text())["path"])
 
 
-def load_scorer(model_dir: Path) -> Scorer:
-    """Loads model/ through MLflow, as every door does, and returns its Scorer."""
-    return mlflow.pyfunc.load_model(str(find_mlmodel(model_dir))).unwrap_python_model().scorer
+def load_scorer(model_dir: Path, config: ServerConfig) -> Scorer:
+    """Loads model/ through MLflow, as every door does, with the door's settings; returns its Scorer."""
+    path = find_mlmodel(model_dir)
+    flavor = mlflow.models.Model.load(str(path)).flavors["python_function"]
+    if SERVER_CONFIG not in flavor.get("config", {}):
+        # MLflow would drop the settings with a warning, and load_context read the environment again.
+        raise CheckpointError(f"{path} was packaged by an older mixtral-endpoint that cannot take its settings "
+                              "from the entry script; package it again (make clean model)")
+    model = mlflow.pyfunc.load_model(str(path), model_config={SERVER_CONFIG: dataclasses.asdict(config)})
+    return model.unwrap_python_model().scorer
 
 
 def find_mlmodel(root: Path) -> Path:

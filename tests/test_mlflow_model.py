@@ -7,10 +7,13 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 import pytest
+import yaml
 from mlflow.exceptions import MlflowException
 
+from mixtral_endpoint.config import ServerConfig
 from mixtral_endpoint.errors import CheckpointError
-from mixtral_endpoint.pyfunc import find_mlmodel, signature
+from mixtral_endpoint.packaging import package_model
+from mixtral_endpoint.pyfunc import find_mlmodel, load_scorer, signature
 from mixtral_endpoint.service import Scorer
 
 CONVERSATION = [{"role": "user", "content": "I am going to Paris, what should I see?"}]
@@ -35,6 +38,7 @@ def test_saved_params_schema_is_the_parameter_table(loaded: mlflow.pyfunc.PyFunc
 # (MIXTRAL_MAX_NEW_TOKENS, MIXTRAL_DEFAULT_MAX_NEW_TOKENS) -> (cap, default); None: unset.
 NEW_TOKEN_SETTINGS = [
     (("128", "64"), (128, 64)),  # the issue's report: predict without max_new_tokens was refused
+    (("12", None), (12, 12)),  # the cap alone lowers the default with it
     ((None, "7"), (1024, 7)),
     ((None, None), (1024, 256)),
 ]
@@ -96,3 +100,19 @@ def test_find_mlmodel_accepts_the_folder_or_one_level_down(azureml_models: Path,
     assert find_mlmodel(azureml_models / "model") == (azureml_models / "model").resolve()
     with pytest.raises(CheckpointError, match="no MLmodel"):
         find_mlmodel(tmp_path)
+
+
+def test_load_scorer_hands_the_doors_settings_down(azureml_models: Path, monkeypatch: pytest.MonkeyPatch):
+    """score.py and batch_score.py build the settings once; loading the model must not read them again."""
+    monkeypatch.setenv("MIXTRAL_MAX_NEW_TOKENS", "lots")  # reading the environment would fail on this
+    config = ServerConfig(max_new_tokens=9, default_max_new_tokens=3)
+    assert load_scorer(azureml_models, config).config == config
+
+
+def test_a_model_that_cannot_take_settings_is_refused_before_loading(tiny_checkpoint: Path, tmp_path: Path):
+    out = package_model(tiny_checkpoint, tmp_path / "old", reference=True)
+    mlmodel = yaml.safe_load((out / "MLmodel").read_text())
+    del mlmodel["flavors"]["python_function"]["config"]  # as packaged before the settings were handed down
+    (out / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    with pytest.raises(CheckpointError, match="package it again"):
+        load_scorer(out, ServerConfig())
