@@ -13,7 +13,7 @@ from azureml_inference_server_http.api.aml_request import rawhttp
 from azureml_inference_server_http.api.aml_response import AMLResponse
 
 from mixtral_endpoint.config import ServerConfig
-from mixtral_endpoint.errors import InternalError, InvalidRequest, ModelNotReady, PayloadTooLarge, ScoringError
+from mixtral_endpoint.errors import InvalidRequest, ModelNotReady, ScoringError, as_scoring_error
 from mixtral_endpoint.pyfunc import load_scorer
 from mixtral_endpoint.service import Scorer
 
@@ -36,19 +36,15 @@ def run(request: flask.Request) -> flask.Response:
             raise ModelNotReady("the model is still loading; try again shortly", retry_after=30)
         if request.method != "POST":
             raise InvalidRequest("POST a JSON request to /score; see sample-request.json")
-        body = _read_body(request, scorer.config.max_body_bytes)
         request_id = flask.g.get("request_id") or request.headers.get("x-request-id")
-        result = scorer.score_body(body, request_id=request_id)
+        result = scorer.score_body(request.stream, declared_length=request.content_length, request_id=request_id)
         if isinstance(result, dict | list):
             return AMLResponse(result, 200, json_str=True)
         # Server-sent events; X-Accel-Buffering asks proxies that honour it not to buffer the stream.
         return flask.Response(result, status=200, mimetype="text/event-stream",
                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    except ScoringError as exc:
-        return _error(exc)
-    except Exception:
-        log.exception("unexpected failure while scoring")
-        return _error(InternalError("an unexpected error occurred; the server log has the details"))
+    except Exception as exc:
+        return _error(as_scoring_error(exc, log))
 
 
 def _log_to_stderr(logger: logging.Logger) -> None:
@@ -59,16 +55,6 @@ def _log_to_stderr(logger: logging.Logger) -> None:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False  # something in the stack configures the root logger too
-
-
-def _read_body(request: flask.Request, limit: int) -> bytes:
-    # Refuse oversized bodies before reading them; a chunked body is read up to the limit only.
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"the request body is {request.content_length} bytes; at most {limit} are allowed")
-    body = request.stream.read(limit + 1)
-    if len(body) > limit:
-        raise PayloadTooLarge(f"the request body is over {limit} bytes")
-    return body
 
 
 def _error(exc: ScoringError) -> AMLResponse:

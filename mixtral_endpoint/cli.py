@@ -123,12 +123,12 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from .batch import run_local
+    from .batch import default_workers, run_local
     from .pyfunc import load_scorer
 
     config = ServerConfig.from_env(os.environ)
     scorer = load_scorer(args.model, config)
-    workers = args.workers or config.max_batch_size + config.max_queue
+    workers = args.workers or default_workers(config)
     summary = run_local(scorer, args.inputs, args.output, workers=workers, progress=not args.no_progress)
     print(json.dumps(summary))
     return 0

@@ -6,6 +6,7 @@ carries prompt text or a traceback. The traceback goes to the log.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 # code -> HTTP status. The only place a status code is chosen.
@@ -66,6 +67,15 @@ class ModelNotReady(ScoringError):
 
 class InternalError(ScoringError):
     code = "internal_error"
+
+
+def as_scoring_error(exc: Exception, log: logging.Logger, scoring: str = "a request") -> ScoringError:
+    """What a door answers for `exc`: a ScoringError as it is; anything else is a fault, whose
+    traceback goes to the log and never to the caller."""
+    if isinstance(exc, ScoringError):
+        return exc
+    log.error("unexpected failure while scoring %s", scoring, exc_info=exc)
+    return InternalError("an unexpected error occurred; the log has the details")
 
 
 class CheckpointError(Exception):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,11 @@ from mlflow.protos.databricks_pb2 import (
 from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
 from .config import ServerConfig
-from .errors import CheckpointError, InvalidRequest, ScoringError
+from .errors import CheckpointError, InvalidRequest, as_scoring_error
 from .parameters import PARAMETERS, Parameter
 from .service import Scorer
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # the checkpoint folder, copied into the model
 REFERENCE_ARTIFACT = "checkpoint_reference"  # a JSON file naming the checkpoint folder elsewhere
@@ -60,8 +63,6 @@ class MixtralModel(mlflow.pyfunc.PythonModel):
         # default is the server's, so the signature leaves it None).
         parameters = {k: v for k, v in (params or {}).items() if v is not None}
         try:
-            if parameters.get("stream"):
-                raise InvalidRequest("stream is served by the /score endpoint, not MLflow predict", param="stream")
             results = []
             for item in input_items(model_input):
                 payload = {"input_data": {"input_string": [item] if isinstance(item, str) else item},
@@ -69,9 +70,11 @@ class MixtralModel(mlflow.pyfunc.PythonModel):
                 result = self.scorer.score(payload)
                 results.append(result[0] if isinstance(item, str) else result)
             return results
-        except ScoringError as exc:
-            # MLflow's scoring server turns an MlflowException into its status and a JSON message.
-            raise MlflowException(exc.message, error_code=_MLFLOW_CODES.get(exc.status, INTERNAL_ERROR)) from None
+        except Exception as exc:
+            # MLflow's scoring server turns an MlflowException into its status and a JSON message
+            # (anything else into a 500 that carries the traceback).
+            error = as_scoring_error(exc, log)
+            raise MlflowException(error.message, error_code=_MLFLOW_CODES.get(error.status, INTERNAL_ERROR)) from None
 
 
 def checkpoint_dir(artifacts: dict[str, str]) -> Path:

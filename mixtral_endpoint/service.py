@@ -9,12 +9,12 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .checkpoint import inspect_checkpoint
 from .config import ServerConfig
 from .engine import Engine, Row, StopCheck
-from .errors import ContextLengthExceeded, InternalError, PayloadTooLarge
+from .errors import ContextLengthExceeded, InternalError, InvalidRequest, PayloadTooLarge
 from .placement import plan_placement
 from .protocol import (
     Completion,
@@ -54,19 +54,29 @@ class Scorer:
                               max_batch=config.max_batch_size, max_queue=config.max_queue)
         return cls(scheduler, tokenizer, config)
 
-    def score_body(self, body: bytes, *, request_id: str | None = None) -> Body | Iterator[str]:
-        """Scores a raw HTTP body: size cap first, then JSON, then the request."""
-        if len(body) > self.config.max_body_bytes:
-            raise PayloadTooLarge(
-                f"the request body is {len(body)} bytes; at most {self.config.max_body_bytes} are allowed")
-        return self.score(parse_json(body), request_id=request_id)
+    def score_body(self, body: BinaryIO, *, declared_length: int | None = None,
+                   request_id: str | None = None) -> Body | Iterator[str]:
+        """Scores a request body as /score receives it: size cap, then JSON, then the request; may stream.
 
-    def score(self, payload: Any, *, request_id: str | None = None) -> Body | Iterator[str]:
-        """The response body, or, for `stream: true`, an iterator of server-sent events.
+        A body whose declared length is over the cap is refused before a byte of it is read, and
+        none is read past the cap whatever it declares (a chunked body declares nothing).
+        """
+        limit = self.config.max_body_bytes
+        if declared_length is not None and declared_length > limit:
+            raise _too_large(f"{declared_length} bytes", limit)
+        data = body.read(limit + 1)
+        if len(data) > limit:
+            raise _too_large(f"over {limit} bytes", limit)
+        return self.score(parse_json(data), request_id=request_id, stream_ok=True)
+
+    def score(self, payload: Any, *, request_id: str | None = None, stream_ok: bool = False) -> Body | Iterator[str]:
+        """The response body, or, for `stream: true` where the door can stream, server-sent events.
 
         Validation and admission happen before this returns, so a stream never starts with an error.
         """
         request = parse_request(payload, self.config.limits)
+        if request.stream and not stream_ok:
+            raise InvalidRequest("stream is served by the /score endpoint only", param="parameters.stream")
         request_id = request_id or uuid.uuid4().hex
         prompts = self._encode(request)
         rows = self._submit(request, prompts, stream=request.stream)
@@ -175,6 +185,10 @@ class Scorer:
             first - submitted, seconds, new_tokens / seconds if seconds > 0 else 0.0, max(r.peak_batch for r in rows),
             ",".join(str(r.finish_reason) for r in rows), extra,
         )
+
+
+def _too_large(size: str, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the request body is {size}; at most {limit} bytes are allowed")
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int:

@@ -102,6 +102,12 @@ def test_find_mlmodel_accepts_the_folder_or_one_level_down(azureml_models: Path,
         find_mlmodel(tmp_path)
 
 
+def test_stream_is_refused_by_predict(loaded: mlflow.pyfunc.PyFuncModel):
+    with pytest.raises(MlflowException) as caught:
+        loaded.predict({"input_string": ["hi"]}, params={"stream": True})
+    assert caught.value.get_http_status_code() == 400 and "/score endpoint only" in caught.value.message
+
+
 def test_load_scorer_hands_the_doors_settings_down(azureml_models: Path, monkeypatch: pytest.MonkeyPatch):
     """score.py and batch_score.py build the settings once; loading the model must not read them again."""
     monkeypatch.setenv("MIXTRAL_MAX_NEW_TOKENS", "lots")  # reading the environment would fail on this

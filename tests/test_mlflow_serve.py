@@ -70,12 +70,24 @@ def test_dataframe_split_scores_one_prompt_per_row(mlflow_server: str, scorer):
     assert response.json() == {"predictions": expected}
 
 
+def test_max_new_tokens_default_and_cap_are_the_servers(mlflow_server: str):
+    """The signature leaves max_new_tokens unset, so MIXTRAL_DEFAULT_MAX_NEW_TOKENS (16) and
+    MIXTRAL_MAX_NEW_TOKENS (64) hold here as on /score."""
+    response = invoke(mlflow_server, {"inputs": {"input_string": ["Once upon a time"]}, "params": {"ignore_eos": True}})
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0][0]["usage"]["completion_tokens"] == int(
+        SERVER_ENV["MIXTRAL_DEFAULT_MAX_NEW_TOKENS"])
+    response = invoke(mlflow_server, {"inputs": {"input_string": ["hi"]}, "params": {"max_new_tokens": 65}})
+    assert response.status_code == 400 and "at most 64" in response.json()["message"]
+
+
 @pytest.mark.parametrize(("body", "words"), [
     ({"inputs": {"input_string": [{"role": "assistant", "content": "x"}]}}, "role"),
     ({"inputs": {"input_string": ["hi"]}, "params": {"temperature": -1}}, "parameters.temperature must be >= 0"),
     ({"inputs": {"input_string": ["hi"]}, "params": {"temperature": "hot"}}, "temperature"),
     ({"inputs": {"input_string": ["hi"]}, "params": {"max_new_tokens": 100_000}}, "max_new_tokens"),
     ({"inputs": {"prompt": ["hi"]}}, "input_string"),
+    ({"inputs": {"input_string": ["hi"]}, "params": {"stream": True}}, "/score endpoint only"),
 ])
 def test_bad_input_gets_a_4xx_with_a_message(mlflow_server: str, body: dict, words: str):
     response = invoke(mlflow_server, body)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -93,9 +94,33 @@ def test_too_many_prompts_for_the_server_cap(scorer: Scorer):
 
 
 def test_oversized_body_is_refused_before_parsing(scorer: Scorer):
-    with pytest.raises(PayloadTooLarge) as caught:
-        scorer.score_body(b"{" * (scorer.config.max_body_bytes + 1))
+    limit = scorer.config.max_body_bytes
+    with pytest.raises(PayloadTooLarge, match=f"over {limit} bytes") as caught:
+        scorer.score_body(io.BytesIO(b"{" * (limit + 1)))
     assert caught.value.status == 413
+
+
+def test_a_body_declared_too_long_is_refused_before_it_is_read(scorer: Scorer):
+    body = io.BytesIO(b'{"input_data": {"input_string": ["hi"]}}')
+    declared = scorer.config.max_body_bytes + 1
+    with pytest.raises(PayloadTooLarge, match=f"is {declared} bytes"):
+        scorer.score_body(body, declared_length=declared)
+    assert body.tell() == 0
+
+
+def test_a_body_is_never_read_past_the_cap_whatever_it_declares(scorer: Scorer):
+    body = io.BytesIO(b" " * (scorer.config.max_body_bytes * 3))
+    with pytest.raises(PayloadTooLarge):
+        scorer.score_body(body, declared_length=10)
+    assert body.tell() == scorer.config.max_body_bytes + 1
+
+
+def test_stream_is_served_only_where_the_door_can_stream(scorer: Scorer):
+    with pytest.raises(InvalidRequest, match="/score endpoint only") as caught:
+        scorer.score(text("hi", stream=True, max_new_tokens=2))
+    assert caught.value.param == "parameters.stream"
+    events = scorer.score_body(io.BytesIO(json.dumps(text("hi", stream=True, max_new_tokens=2)).encode()))
+    assert "".join(events).endswith("data: [DONE]\n\n")
 
 
 def test_max_new_tokens_above_the_server_cap(scorer: Scorer):
@@ -104,4 +129,4 @@ def test_max_new_tokens_above_the_server_cap(scorer: Scorer):
 
 
 def test_default_max_new_tokens_comes_from_the_server(scorer: Scorer):
-    assert scorer.score(text("hi"))[0]["usage"]["completion_tokens"] == 16
+    assert scorer.score(text("hi", ignore_eos=True))[0]["usage"]["completion_tokens"] == 16
