@@ -33,18 +33,26 @@ def mlflow_server(mlflow_model: Path, tmp_path_factory: pytest.TempPathFactory) 
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if requests.get(url + "/ping", timeout=5).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.5)
-        assert process.poll() is None, f"mlflow models serve exited: {Path(log.name).read_text()[-3000:]}"
+        while not _ready(url):
+            assert process.poll() is None, f"mlflow models serve exited: {Path(log.name).read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"not ready after 120 s: {Path(log.name).read_text()[-3000:]}"
+            time.sleep(0.5)
         yield url
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
         log.close()
+
+
+def _ready(url: str) -> bool:
+    try:
+        return requests.get(url + "/ping", timeout=5).ok
+    except requests.RequestException:
+        return False
 
 
 def invoke(url: str, body: dict) -> requests.Response:
