@@ -52,7 +52,7 @@ class MixtralModel(mlflow.pyfunc.PythonModel):
         self.scorer = Scorer.load(checkpoint_dir(context.artifacts), config)
 
     # No type hints on model_input: MLflow would read them as a second, type-hint signature.
-    def predict(self, context, model_input, params=None):  # noqa: ANN001
+    def predict(self, context, model_input, params=None):
         """One result per input row, in order, rendered as /score renders it.
 
         The `input_data` object of a request is one row, so `predict(input_data, params)[0]` is

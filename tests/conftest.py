@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mixtral_endpoint.checkpoint import inspect_checkpoint
+from mixtral_endpoint.checkpoint import Checkpoint, inspect_checkpoint
 from mixtral_endpoint.config import ServerConfig
+from mixtral_endpoint.engine import Engine
 from mixtral_endpoint.localserver import LocalServer
 from mixtral_endpoint.packaging import package_model
 from mixtral_endpoint.service import Scorer
@@ -41,12 +42,12 @@ def scorer(tiny_checkpoint: Path) -> Scorer:
 
 
 @pytest.fixture(scope="session")
-def engine(scorer: Scorer):  # noqa: ANN201
+def engine(scorer: Scorer) -> Engine:
     return scorer.engine
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tiny_checkpoint: Path):  # noqa: ANN201
+def checkpoint(tiny_checkpoint: Path) -> Checkpoint:
     return inspect_checkpoint(tiny_checkpoint)
 
 
