@@ -8,6 +8,7 @@ Every failure is an `InvalidRequest` whose `param` is the JSON path of the field
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -298,7 +299,10 @@ def _json_path(parts: Any) -> str:
 
 
 def _join(path: str, name: str) -> str:
-    return f"{path}.{_clip(name)}" if path else _clip(name)
+    # A key that is not a plain name is quoted, so that the path still reads as one: parameters["a b"].
+    if re.fullmatch(r"\w+", name):
+        return f"{path}.{_clip(name)}" if path else _clip(name)
+    return f"{path}[{json.dumps(_clip(name), ensure_ascii=False)}]"
 
 
 def _clip(text: str, limit: int = 40) -> str:

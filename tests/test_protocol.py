@@ -134,6 +134,8 @@ BAD_REQUESTS = [
     (text_request(do_sample="yes"), "parameters.do_sample", "must be a boolean"),
     ({"input_data": {"input_string": ["a"]}, "parameters": []}, "parameters", "must be an object"),
     ({"input_data": {"input_string": ["a"]}, "extra": 1}, "extra", "unknown field"),
+    ({"input_data": {"input_string": ["a"]}, ":": 1}, '[":"]', "unknown field ':'"),
+    (text_request(**{"top p": 1}), 'parameters["top p"]', "unknown parameter 'top p'"),
     ({"input_data": {"input_string": ["a"] * 9}}, "input_data.input_string", "at most 8"),
     ({"input_data": {"input_string": ["a"], "parameters": {"seed": 1}}, "parameters": {"seed": 2}},
      "parameters.seed", "both"),
