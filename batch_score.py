@@ -10,7 +10,8 @@ import logging
 import os
 from pathlib import Path
 
-from mixtral_endpoint.batch import read_lines, score_lines
+from mixtral_endpoint.batch import default_workers, read_lines, score_lines
+from mixtral_endpoint.config import ServerConfig
 from mixtral_endpoint.pyfunc import load_scorer
 from mixtral_endpoint.service import Scorer
 
@@ -20,12 +21,14 @@ scorer: Scorer | None = None
 
 def init() -> None:
     global scorer
-    scorer = load_scorer(Path(os.environ.get("AZUREML_MODEL_DIR", "model")))
+    # The one place this door reads the environment; the settings are handed down from here.
+    config = ServerConfig.from_env(os.environ)
+    scorer = load_scorer(Path(os.environ.get("AZUREML_MODEL_DIR", "model")), config)
 
 
 def run(mini_batch: list[str]) -> list[str]:
     assert scorer is not None, "init() has not run"
-    workers = scorer.config.max_batch_size + scorer.config.max_queue
-    rows = [json.dumps(row, ensure_ascii=False) for row in score_lines(scorer, read_lines(mini_batch), workers=workers)]
+    scored = score_lines(scorer, read_lines(mini_batch), workers=default_workers(scorer.config))
+    rows = [json.dumps(row, ensure_ascii=False) for row in scored]
     log.info("scored %d rows from %d files", len(rows), len(mini_batch))
     return rows

@@ -14,6 +14,7 @@ from azureml_inference_server_http.api.aml_request import rawhttp
 from azureml_inference_server_http.api.aml_response import AMLResponse
 
 from mixtral_endpoint import openai_routes
+from mixtral_endpoint.config import ServerConfig
 from mixtral_endpoint.errors import InvalidRequest, ModelNotReady, ScoringError, as_scoring_error
 from mixtral_endpoint.pyfunc import load_scorer
 from mixtral_endpoint.service import Scorer
@@ -25,7 +26,9 @@ scorer: Scorer | None = None
 def init() -> None:
     global scorer
     _log_to_stderr(logging.getLogger("mixtral_endpoint"))
-    scorer = load_scorer(Path(os.environ.get("AZUREML_MODEL_DIR", "model")))
+    # The one place this door reads the environment; the settings are handed down from here.
+    config = ServerConfig.from_env(os.environ)
+    scorer = load_scorer(Path(os.environ.get("AZUREML_MODEL_DIR", "model")), config)
     # azmlinfsrv's health route cannot report a dead engine: end the worker, and gunicorn starts a fresh one.
     scorer.engine.on_death = _exit_worker
     # The OpenAI / Azure AI Model Inference routes: azmlinfsrv registers its blueprint after init().

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InternalError, InvalidRequest, ScoringError
+from .config import ServerConfig
+from .errors import InvalidRequest, as_scoring_error
 from .protocol import parse_json
 from .service import Scorer
 
@@ -63,15 +64,16 @@ def score_line(scorer: Scorer, line: Line) -> dict[str, Any]:
         payload = parse_json(line.text)
         if isinstance(payload, dict) and "id" in payload:
             row["id"] = payload.pop("id")
-        if _wants_stream(payload):
-            raise InvalidRequest("stream is not available in batch scoring", param="parameters.stream")
         row["response"] = scorer.score_patiently(payload)
-    except ScoringError as exc:
-        row["error"] = {**exc.body()["error"], "status": exc.status}
-    except Exception:
-        log.exception("line %d of %s failed", line.number, line.file)
-        row["error"] = {**InternalError("scoring failed; the job log has the details").body()["error"], "status": 500}
+    except Exception as exc:
+        error = as_scoring_error(exc, log, f"line {line.number} of {line.file}")
+        row["error"] = {**error.body()["error"], "status": error.status}
     return row
+
+
+def default_workers(config: ServerConfig) -> int:
+    """Lines in flight: enough to fill the batch and the queue behind it."""
+    return config.max_batch_size + config.max_queue
 
 
 def score_lines(scorer: Scorer, lines: Iterable[Line], *, workers: int) -> Iterator[dict[str, Any]]:
@@ -122,12 +124,6 @@ def run_local(scorer: Scorer, inputs: list[str], output: Path, *, workers: int, 
             "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0}
 
 
-def _wants_stream(payload: Any) -> bool:
-    if not isinstance(payload, dict):
-        return False
-    places = [payload.get("parameters"), (payload.get("input_data") or {}).get("parameters")
-              if isinstance(payload.get("input_data"), dict) else None]
-    return any(isinstance(p, dict) and p.get("stream") is True for p in places)
 
 
 def _completion_tokens(response: Any) -> int:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
 
+from .config import ServerConfig
 from .errors import CheckpointError
 
 
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--request", type=Path, default=Path("sample-request.json"))
     sample.add_argument("--out", type=Path, default=Path("sample-response.json"))
 
-    commands.add_parser("swagger", help="write swagger2.json and swagger3.json from schemas/")
+    commands.add_parser("swagger", help="write the parameters table into schemas/request.schema.json, then "
+                        "swagger2.json and swagger3.json from schemas/")
 
     sizing = commands.add_parser("plan", help="size a checkpoint for a machine from config and safetensors headers")
     sizing.add_argument("--checkpoint", type=Path, required=True)
@@ -87,7 +90,7 @@ def _build_model(args: argparse.Namespace) -> int:
 def _sample_response(args: argparse.Namespace) -> int:
     from .pyfunc import load_scorer
 
-    scorer = load_scorer(args.model)
+    scorer = load_scorer(args.model, ServerConfig.from_env(os.environ))
     response = scorer.score(json.loads(args.request.read_text()))
     args.out.write_text(json.dumps(response, indent=2, ensure_ascii=False) + "\n")
     print(args.out)
@@ -95,9 +98,9 @@ def _sample_response(args: argparse.Namespace) -> int:
 
 
 def _swagger(args: argparse.Namespace) -> int:
-    from .swagger import write_swagger
+    from .swagger import write_request_schema, write_swagger
 
-    for path in write_swagger():
+    for path in [write_request_schema(), *write_swagger()]:
         print(path)
     return 0
 
@@ -120,11 +123,12 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from .batch import run_local
+    from .batch import default_workers, run_local
     from .pyfunc import load_scorer
 
-    scorer = load_scorer(args.model)
-    workers = args.workers or scorer.config.max_batch_size + scorer.config.max_queue
+    config = ServerConfig.from_env(os.environ)
+    scorer = load_scorer(args.model, config)
+    workers = args.workers or default_workers(config)
     summary = run_local(scorer, args.inputs, args.output, workers=workers, progress=not args.no_progress)
     print(json.dumps(summary))
     return 0

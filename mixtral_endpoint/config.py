@@ -5,25 +5,31 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from .engine import ENGINES
 from .errors import ConfigError
 from .protocol import RequestLimits
 
 PREFIX = "MIXTRAL_"
+DEFAULT_MAX_NEW_TOKENS = 256  # a request's max_new_tokens when neither it nor the server sets one
+# Settings that take one of a fixed set of values: anything else is a start-up error naming them.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dtype": ("auto", "bfloat16", "float16", "float32"),
+    "device_map": ("auto", "cpu"),
+    "engine": ("auto", "transformers", "vllm"),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
 class ServerConfig:
-    # Engine and weights placement.
-    engine: str = "auto"  # auto: vllm when a GPU is visible and vLLM is installed, else transformers
+    # Weights and placement.
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU; or bfloat16 / float16 / float32
     device_map: str = "auto"  # accelerate placement over every visible GPU; "cpu" forces the CPU
     max_gpu_memory: str = ""  # per-GPU cap for accelerate, e.g. "75GiB"; empty: what the GPU has
     max_cpu_memory: str = ""  # cap for weights offloaded to CPU RAM; empty: no CPU offload on GPU hosts
     offload_folder: str = ""  # disk offload for weights that fit nowhere else; empty: none
+    engine: str = "auto"  # what generates: auto, transformers (our engine) or vllm
     # Request limits.
     max_new_tokens: int = 1024  # cap on a request's max_new_tokens
-    default_max_new_tokens: int = 256
+    default_max_new_tokens: int = 0  # 0: DEFAULT_MAX_NEW_TOKENS, or max_new_tokens when that is lower
     max_total_tokens: int = 0  # prompt + new tokens; 0: the model's context window
     max_prompts: int = 8  # text prompts in one request
     max_body_bytes: int = 1_048_576
@@ -35,14 +41,15 @@ class ServerConfig:
     log_prompts: bool = False
 
     def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            raise ConfigError(f"{PREFIX}ENGINE must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"{PREFIX}DTYPE must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
-        for name in ("max_new_tokens", "default_max_new_tokens", "max_prompts", "max_body_bytes", "max_batch_size",
-                     "max_queue"):
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be one of {', '.join(allowed)}; "
+                                 f"got {getattr(self, name)!r}")
+        for name in ("max_new_tokens", "max_prompts", "max_body_bytes", "max_batch_size", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
+        if self.default_max_new_tokens < 0:
+            raise ValueError(f"{PREFIX}DEFAULT_MAX_NEW_TOKENS must be >= 0, got {self.default_max_new_tokens}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"{PREFIX}REQUEST_TIMEOUT_S must be > 0, got {self.request_timeout_s}")
         if self.max_prompts > self.max_queue:
@@ -69,11 +76,10 @@ class ServerConfig:
 
     @property
     def limits(self) -> RequestLimits:
-        return RequestLimits(
-            max_new_tokens=self.max_new_tokens,
-            default_max_new_tokens=self.default_max_new_tokens,
-            max_prompts=self.max_prompts,
-        )
+        # Setting only the cap lowers the default with it, rather than failing at start-up.
+        default = self.default_max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, self.max_new_tokens)
+        return RequestLimits(max_new_tokens=self.max_new_tokens, default_max_new_tokens=default,
+                             max_prompts=self.max_prompts)
 
 
 def _parse_bool(raw: str) -> bool:

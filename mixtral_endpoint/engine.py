@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "transformers", "vllm")
 # Sinks receive (row, token id) for each new token, then (row, None) once the row has ended.
 Sink = queue.SimpleQueue
 

@@ -85,8 +85,8 @@ def _refuse_what_mixtral_cannot_do(body: dict[str, Any], route: Route) -> None:
             raise InvalidRequest(f"{name} is not supported: Mixtral-8x7B's tokenizer (v1) has no tool calls or "
                                  "structured output" if name != "suffix" else "suffix is not supported", param=name)
     for name, allowed in (("n", (None, 1)), ("best_of", (None, 1)), ("logprobs", (None, False, 0)),
-                          ("top_logprobs", (None, 0)), ("echo", (None, False)),
-                          ("frequency_penalty", (None, 0)), ("presence_penalty", (None, 0)), ("logit_bias", (None, {}))):
+                          ("top_logprobs", (None, 0)), ("echo", (None, False)), ("frequency_penalty", (None, 0)),
+                          ("presence_penalty", (None, 0)), ("logit_bias", (None, {}))):
         value = body.get(name)
         if value not in allowed or isinstance(value, bool) and name not in ("logprobs", "echo"):
             raise InvalidRequest(f"{name} is not supported: only {allowed[1]!r} (this server returns one choice, "

@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow.pyfunc
 
 from .checkpoint import inspect_checkpoint
-from .pyfunc import CHECKPOINT_ARTIFACT, REFERENCE_ARTIFACT, signature
+from .pyfunc import CHECKPOINT_ARTIFACT, REFERENCE_ARTIFACT, SERVER_CONFIG, signature
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SAMPLE_REQUEST = PACKAGE_DIR.parent / "sample-request.json"
@@ -40,6 +40,7 @@ def package_model(checkpoint_dir: Path, out: Path, *, reference: bool = False) -
             artifacts=artifacts,
             code_paths=[str(PACKAGE_DIR), str(PACKAGE_DIR.parent / "schemas")],
             signature=signature(),
+            model_config={SERVER_CONFIG: None},  # filled in by the door that loads it (pyfunc.load_scorer)
             input_example=({"input_string": example["input_data"]["input_string"]}, example["parameters"]),
             pip_requirements=str(PACKAGE_DIR.parent / "requirements.txt"),
         )

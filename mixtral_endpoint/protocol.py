@@ -8,6 +8,7 @@ Every failure is an `InvalidRequest` whose `param` is the JSON path of the field
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -17,10 +18,11 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
 from .errors import InvalidRequest
+from .parameters import PARAMETERS, Parameter, default
 from .sampling import SamplingSettings
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
-ROLES = ("system", "user", "assistant")
+_PYTHON_TYPES = {"integer": int, "number": float}
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,8 @@ class ScoringRequest:
     settings: SamplingSettings
     return_full_text: bool
     return_token_ids: bool
-    stop: tuple[str, ...] = ()  # checked in the core, on text: the engine knows only token ids
     stream: bool = False
+    stop: tuple[str, ...] = ()  # text, so checked in the core: the engine knows only token ids
 
     @property
     def is_chat(self) -> bool:
@@ -109,43 +111,41 @@ def parse_request(payload: Any, limits: RequestLimits) -> ScoringRequest:
                 f"{len(prompts)} prompts in one request; at most {limits.max_prompts} are allowed",
                 param="input_data.input_string",
             )
-    stream = params.get("stream", False)
+    stream = params.get("stream", default("stream"))
     if stream and prompts is not None and len(prompts) > 1:
         raise InvalidRequest(f"stream takes one prompt; this request has {len(prompts)}", param="parameters.stream")
+    stop = params.get("stop", default("stop"))
     return ScoringRequest(
         conversation=conversation,
         prompts=prompts,
         settings=to_settings(params, limits),
-        return_full_text=params.get("return_full_text", False),
-        return_token_ids=params.get("return_token_ids", False),
-        stop=_stops(params.get("stop", ())),
+        return_full_text=params.get("return_full_text", default("return_full_text")),
+        return_token_ids=params.get("return_token_ids", default("return_token_ids")),
         stream=stream,
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),
     )
 
 
 def to_settings(params: dict[str, Any], limits: RequestLimits) -> SamplingSettings:
-    """Converts validated request parameters into engine settings, once, by name."""
-    # JSON Schema counts 5.0 as an integer; the engine gets real ints.
-    max_new_tokens = int(params.get("max_new_tokens", limits.default_max_new_tokens))
+    """Converts validated request parameters into engine settings, once, by name.
+
+    Parameters left out take SamplingSettings' defaults, which are the table's; max_new_tokens,
+    whose default is the server's, is the one place its cap is checked.
+    """
+    values = {p.name: _typed(p, params[p.name]) for p in PARAMETERS if p.goes_to == "settings" and p.name in params}
+    max_new_tokens = values.setdefault("max_new_tokens", limits.default_max_new_tokens)
     if max_new_tokens > limits.max_new_tokens:
         raise InvalidRequest(
             f"max_new_tokens is {max_new_tokens}; this server allows at most {limits.max_new_tokens}",
             param="parameters.max_new_tokens",
         )
-    return SamplingSettings(
-        max_new_tokens=max_new_tokens,
-        do_sample=params.get("do_sample", False),
-        temperature=float(params.get("temperature", 1.0)),
-        top_p=float(params.get("top_p", 1.0)),
-        top_k=int(params.get("top_k", 0)),
-        repetition_penalty=float(params.get("repetition_penalty", 1.0)),
-        seed=None if params.get("seed") is None else int(params["seed"]),
-        ignore_eos=params.get("ignore_eos", False),
-    )
+    return SamplingSettings(**values)
 
 
-def _stops(stop: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    return (stop,) if isinstance(stop, str) else tuple(stop)
+def _typed(parameter: Parameter, value: Any) -> Any:
+    # JSON Schema counts 5.0 as an integer; the engine gets real ints (and floats, not ints, for numbers).
+    convert = _PYTHON_TYPES.get(parameter.type)
+    return value if convert is None or value is None else convert(value)
 
 
 def render(request: ScoringRequest, completions: list[Completion]) -> dict[str, Any] | list[dict[str, Any]]:
@@ -299,7 +299,10 @@ def _json_path(parts: Any) -> str:
 
 
 def _join(path: str, name: str) -> str:
-    return f"{path}.{_clip(name)}" if path else _clip(name)
+    # A key that is not a plain name is quoted, so that the path still reads as one: parameters["a b"].
+    if re.fullmatch(r"\w+", name):
+        return f"{path}.{_clip(name)}" if path else _clip(name)
+    return f"{path}[{json.dumps(_clip(name), ensure_ascii=False)}]"
 
 
 def _clip(text: str, limit: int = 40) -> str:

@@ -5,7 +5,9 @@ Saved as "models from code" (`model_code.py`), so `model/` holds no pickle.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,17 @@ from mlflow.protos.databricks_pb2 import (
 from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
 from .config import ServerConfig
-from .errors import CheckpointError, InvalidRequest, ScoringError
-from .protocol import load_schema
+from .errors import CheckpointError, InvalidRequest, as_scoring_error
+from .parameters import PARAMETERS, Parameter
 from .service import Scorer
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # the checkpoint folder, copied into the model
 REFERENCE_ARTIFACT = "checkpoint_reference"  # a JSON file naming the checkpoint folder elsewhere
+# The model_config key through which a door hands its ServerConfig (as a dict) to load_context.
+# Saved as None: MLflow lets a loader override only the keys a model was saved with.
+SERVER_CONFIG = "server_config"
 _MLFLOW_CODES = {400: INVALID_PARAMETER_VALUE, 413: INVALID_PARAMETER_VALUE, 429: REQUEST_LIMIT_EXCEEDED,
                  503: TEMPORARILY_UNAVAILABLE}
 _MLFLOW_TYPES = {"number": "double", "integer": "long", "boolean": "boolean", "string": "string"}
@@ -38,28 +45,34 @@ class MixtralModel(mlflow.pyfunc.PythonModel):
     scorer: Scorer
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        self.scorer = Scorer.load(checkpoint_dir(context.artifacts), ServerConfig.from_env(os.environ))
+        given = (context.model_config or {}).get(SERVER_CONFIG)
+        # score.py and batch_score.py hand their settings in (load_scorer). MLflow's own tools
+        # (load_model, models serve, spark_udf) start here: for them, this is init().
+        config = ServerConfig(**given) if given is not None else ServerConfig.from_env(os.environ)
+        self.scorer = Scorer.load(checkpoint_dir(context.artifacts), config)
 
     # No type hints on model_input: MLflow would read them as a second, type-hint signature.
-    def predict(self, context, model_input, params=None):  # noqa: ANN001
+    def predict(self, context, model_input, params=None):
         """One result per input row, in order, rendered as /score renders it.
 
         The `input_data` object of a request is one row, so `predict(input_data, params)[0]` is
         /score's answer. In a DataFrame, a row holding one text prompt gets that prompt's row
         (`{"0": ..., "finish_reason", "usage"}`), and a row holding a conversation its chat response.
         """
+        # MLflow fills in every parameter the signature lists; None is "not given" (max_new_tokens's
+        # default is the server's, so the signature leaves it None).
         parameters = {k: v for k, v in (params or {}).items() if v is not None}
         try:
-            if parameters.get("stream"):
-                raise InvalidRequest("stream is served by the /score endpoint, not MLflow predict", param="stream")
             items = input_items(model_input)
             results = self.scorer.score_all([
                 {"input_data": {"input_string": [item] if isinstance(item, str) else item}, "parameters": parameters}
                 for item in items])
             return [result[0] if isinstance(item, str) else result for item, result in zip(items, results, strict=True)]
-        except ScoringError as exc:
-            # MLflow's scoring server turns an MlflowException into its status and a JSON message.
-            raise MlflowException(exc.message, error_code=_MLFLOW_CODES.get(exc.status, INTERNAL_ERROR)) from None
+        except Exception as exc:
+            # MLflow's scoring server turns an MlflowException into its status and a JSON message
+            # (anything else into a 500 that carries the traceback).
+            error = as_scoring_error(exc, log)
+            raise MlflowException(error.message, error_code=_MLFLOW_CODES.get(error.status, INTERNAL_ERROR)) from None
 
 
 def checkpoint_dir(artifacts: dict[str, str]) -> Path:
@@ -68,9 +81,16 @@ def checkpoint_dir(artifacts: dict[str, str]) -> Path:
     return Path(json.loads(Path(artifacts[REFERENCE_ARTIFACT]).read_text())["path"])
 
 
-def load_scorer(model_dir: Path) -> Scorer:
-    """Loads model/ through MLflow, as every door does, and returns its Scorer."""
-    return mlflow.pyfunc.load_model(str(find_mlmodel(model_dir))).unwrap_python_model().scorer
+def load_scorer(model_dir: Path, config: ServerConfig) -> Scorer:
+    """Loads model/ through MLflow, as every door does, with the door's settings; returns its Scorer."""
+    path = find_mlmodel(model_dir)
+    flavor = mlflow.models.Model.load(str(path)).flavors["python_function"]
+    if SERVER_CONFIG not in flavor.get("config", {}):
+        # MLflow would drop the settings with a warning, and load_context read the environment again.
+        raise CheckpointError(f"{path} was packaged by an older mixtral-endpoint that cannot take its settings "
+                              "from the entry script; package it again (make clean model)")
+    model = mlflow.pyfunc.load_model(str(path), model_config={SERVER_CONFIG: dataclasses.asdict(config)})
+    return model.unwrap_python_model().scorer
 
 
 def find_mlmodel(root: Path) -> Path:
@@ -107,15 +127,17 @@ def input_items(model_input: Any) -> list[Any]:
 
 
 def signature() -> mlflow.models.ModelSignature:
-    """Inputs of any shape in `input_string`; every request parameter with its default."""
-    specs = []
-    for name, spec in load_schema("request")["$defs"]["parameters"]["properties"].items():
-        if name == "stop":
-            specs.append(ParamSpec("stop", "string", [], (-1,)))
-            continue
-        kind = spec["type"] if isinstance(spec["type"], str) else spec["type"][0]
-        specs.append(ParamSpec(name, _MLFLOW_TYPES[kind], spec["default"]))
+    """Inputs of any shape in `input_string`; every request parameter, from the one table."""
     return mlflow.models.ModelSignature(
         inputs=Schema([ColSpec(AnyType(), "input_string")]),
-        params=ParamSchema(specs),
+        params=ParamSchema([_param_spec(p) for p in PARAMETERS]),
     )
+
+
+def _param_spec(parameter: Parameter) -> ParamSpec:
+    if parameter.max_items is not None:
+        # A string or a list of strings: MLflow's array params take a list, and need a list default.
+        return ParamSpec(parameter.name, "string", list(parameter.default), (-1,))
+    # A default the server decides stays unset here, or MLflow would send it with every predict.
+    default = None if parameter.server_decides_default else parameter.default
+    return ParamSpec(parameter.name, _MLFLOW_TYPES[parameter.type], default)

@@ -2,32 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+from .parameters import BY_NAME, default
 
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingSettings:
+    # Defaults and bounds are the request parameters' own (parameters.py).
     max_new_tokens: int
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    ignore_eos: bool = False
+    do_sample: bool = default("do_sample")
+    temperature: float = default("temperature")
+    top_p: float = default("top_p")
+    top_k: int = default("top_k")
+    repetition_penalty: float = default("repetition_penalty")
+    seed: int | None = default("seed")
+    ignore_eos: bool = default("ignore_eos")
 
     def __post_init__(self) -> None:
         # The engine's own invariants, checked again behind the schema.
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            problem = None if value is None else BY_NAME[f.name].violation(value)
+            if problem is not None:
+                raise ValueError(f"{f.name} {problem}, got {value}")
 
     @property
     def greedy(self) -> bool:

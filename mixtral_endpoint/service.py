@@ -146,11 +146,15 @@ class Scorer:
             return list(pool.map(self.score_patiently, payloads))
 
     def score_patiently(self, payload: Any) -> Body | Iterator[str]:
-        """`score`, waiting for room in the line instead of raising Overloaded."""
+        """`score`, waiting for room in the line instead of raising Overloaded, but not for ever: a line
+        full for a whole request deadline means the engine is not moving."""
+        deadline = time.monotonic() + self.config.request_timeout_s
         while True:
             try:
                 return self.score(payload)
             except Overloaded:
+                if time.monotonic() > deadline:
+                    raise
                 time.sleep(0.05)
 
     def _encode(self, request: ScoringRequest) -> list[list[int]]:

@@ -1,5 +1,8 @@
 """swagger2.json and swagger3.json, generated from schemas/ so the API describes itself.
 
+`mixtral-endpoint swagger` first writes the parameters table (parameters.py) into
+schemas/request.schema.json, then the swagger files from the schemas.
+
 azmlinfsrv serves them from the entry script's folder at `GET /swagger.json?version=2|3`, and
 Azure ML's endpoint page shows them. They start from azmlinfsrv's own templates; only the
 request and response schemas (with the sample request and response as examples) are ours.
@@ -14,7 +17,8 @@ from typing import Any
 
 from azureml_inference_server_http.constants import SERVER_ROOT
 
-from .protocol import load_schema
+from .parameters import json_schema as parameters_schema
+from .protocol import SCHEMA_DIR, load_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE_NAME = "mixtral-8x7b"
@@ -40,6 +44,16 @@ def build_swagger(version: str) -> dict[str, Any]:
     # 4xx/5xx from score.py have our error shape; azmlinfsrv's own failures keep its {"message"} shape.
     schemas["ErrorResponse"] = ours if version == "2" else {"anyOf": [ours, schemas["ErrorResponse"]]}
     return spec
+
+
+def write_request_schema(schema_dir: Path = SCHEMA_DIR) -> Path:
+    """Rewrites the request schema's `parameters` from the parameters table."""
+    path = schema_dir / "request.schema.json"
+    schema = json.loads(path.read_text())
+    schema["$defs"]["parameters"] = parameters_schema()
+    path.write_text(json.dumps(schema, indent=2, ensure_ascii=False) + "\n")
+    load_schema.cache_clear()
+    return path
 
 
 def write_swagger(out_dir: Path = ROOT) -> list[Path]:

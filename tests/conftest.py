@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mixtral_endpoint.checkpoint import inspect_checkpoint
+from mixtral_endpoint.checkpoint import Checkpoint, inspect_checkpoint
 from mixtral_endpoint.config import ServerConfig
 from mixtral_endpoint.localserver import LocalServer
 from mixtral_endpoint.packaging import package_model
@@ -68,7 +68,7 @@ def stepper(scorer: Scorer) -> Stepper:
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tiny_checkpoint: Path):  # noqa: ANN201
+def checkpoint(tiny_checkpoint: Path) -> Checkpoint:
     return inspect_checkpoint(tiny_checkpoint)
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from mixtral_endpoint.batch import read_lines, score_lines
 
-from .conftest import ENGINES
+from .conftest import ENGINES, SERVER_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -69,14 +69,26 @@ def test_azure_batch_entry_script_returns_one_row_per_line(azureml_models: Path,
                                                            monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("AZUREML_MODEL_DIR", str(azureml_models))
     monkeypatch.setenv("MIXTRAL_ENGINE", engine)
+    for name, value in SERVER_ENV.items():
+        monkeypatch.setenv(name, value)
     spec = importlib.util.spec_from_file_location("batch_score", ROOT / "batch_score.py")
     entry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(entry)
     entry.init()
-    rows = [json.loads(r) for r in entry.run([str(p) for p in inputs])]
+    defaults = write_jsonl(inputs[0].parent / "defaults.jsonl", [
+        {"input_data": {"input_string": ["Once upon a time"]}, "parameters": {"ignore_eos": True}},
+        {"input_data": {"input_string": ["hi"]}, "parameters": {"max_new_tokens": 65}},
+        {"input_data": {"input_string": ["hi"]}, "parameters": {"stream": True}},
+    ])
+    rows = [json.loads(r) for r in entry.run([str(p) for p in [*inputs, defaults]])]
     entry.scorer.close()
-    assert entry.scorer.engine.name == engine and len(rows) == 12
-    assert sum("error" in r for r in rows) == 5 and sum("response" in r for r in rows) == 7
+    assert entry.scorer.engine.name == engine and len(rows) == 15
+    assert sum("error" in r for r in rows) == 7 and sum("response" in r for r in rows) == 8
+    by_line = {r["line"]: r for r in rows if r["file"] == str(defaults)}
+    # The server's default and cap for max_new_tokens (SERVER_ENV: 16 and 64), as on /score and MLflow.
+    assert by_line[1]["response"][0]["usage"]["completion_tokens"] == int(SERVER_ENV["MIXTRAL_DEFAULT_MAX_NEW_TOKENS"])
+    assert "at most 64" in by_line[2]["error"]["message"]
+    assert by_line[3]["error"]["param"] == "parameters.stream" and by_line[3]["error"]["status"] == 400
 
 
 def run_batch(args: list[str], engine: str) -> subprocess.Popen:

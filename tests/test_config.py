@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from pathlib import Path
+
 import pytest
 
-from mixtral_endpoint.config import ServerConfig
+from mixtral_endpoint.config import CHOICES, DEFAULT_MAX_NEW_TOKENS, PREFIX, ServerConfig
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_defaults_without_environment():
@@ -27,12 +33,46 @@ def test_values_are_parsed_by_type():
 @pytest.mark.parametrize(("env", "words"), [
     ({"MIXTRAL_MAX_NEW_TOKENS": "lots"}, "MIXTRAL_MAX_NEW_TOKENS must be a int"),
     ({"MIXTRAL_LOG_PROMPTS": "maybe"}, "MIXTRAL_LOG_PROMPTS must be a bool"),
-    ({"MIXTRAL_DTYPE": "int4"}, "MIXTRAL_DTYPE must be"),
+    ({"MIXTRAL_DTYPE": "int4"}, "MIXTRAL_DTYPE must be one of auto, bfloat16, float16, float32; got 'int4'"),
+    ({"MIXTRAL_DEVICE_MAP": "gpu"}, "MIXTRAL_DEVICE_MAP must be one of auto, cpu; got 'gpu'"),
+    ({"MIXTRAL_ENGINE": "vLLM"}, "MIXTRAL_ENGINE must be one of auto, transformers, vllm; got 'vLLM'"),
     ({"MIXTRAL_MAX_QUEUE": "0"}, "MIXTRAL_MAX_QUEUE must be >= 1"),
     ({"MIXTRAL_REQUEST_TIMEOUT_S": "0"}, "MIXTRAL_REQUEST_TIMEOUT_S must be > 0"),
     ({"MIXTRAL_MAX_PROMPTS": "20"}, "could never be queued"),
     ({"MIXTRAL_DEFAULT_MAX_NEW_TOKENS": "4096"}, "above MIXTRAL_MAX_NEW_TOKENS"),
+    ({"MIXTRAL_MAX_NEW_TOKENS": "128", "MIXTRAL_DEFAULT_MAX_NEW_TOKENS": "129"}, "above MIXTRAL_MAX_NEW_TOKENS"),
 ])
 def test_bad_values_name_the_variable(env: dict[str, str], words: str):
     with pytest.raises(ValueError, match=words):
         ServerConfig.from_env(env)
+
+
+@pytest.mark.parametrize(("env", "cap", "default"), [
+    ({}, 1024, DEFAULT_MAX_NEW_TOKENS),
+    ({"MIXTRAL_MAX_NEW_TOKENS": "128"}, 128, 128),  # the cap alone lowers the default, not a start-up error
+    ({"MIXTRAL_MAX_NEW_TOKENS": "128", "MIXTRAL_DEFAULT_MAX_NEW_TOKENS": "64"}, 128, 64),
+    ({"MIXTRAL_DEFAULT_MAX_NEW_TOKENS": "7"}, 1024, 7),
+])
+def test_max_new_tokens_cap_and_default(env: dict[str, str], cap: int, default: int):
+    limits = ServerConfig.from_env(env).limits
+    assert (limits.max_new_tokens, limits.default_max_new_tokens) == (cap, default)
+
+
+def test_readme_settings_table_lists_every_setting_with_its_default_and_choices():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `(MIXTRAL_\w+)` \|.*$", section, re.M)}
+    fields = {PREFIX + f.name.upper(): f for f in dataclasses.fields(ServerConfig)}
+    assert set(rows) == set(fields)
+    for name, f in fields.items():
+        default_cell = rows[name].split("|")[2]
+        if f.default not in ("", 0):  # "" and 0 mean "none" or "derived", described in words
+            assert _shown(f.default) in default_cell, (name, default_cell)
+        for choice in CHOICES.get(f.name, ()):
+            assert f"`{choice}`" in rows[name], (name, choice)
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)

@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LIMITS = RequestLimits(max_new_tokens=64, default_max_new_tokens=4, max_prompts=4)
 ERROR = Draft202012Validator(load_schema("response")["$defs"]["error_response"])
 SECRET = "SECRET-PROMPT-TEXT"
+# A JSON path: names, [index], and ["quoted key"] for a key that is not a plain name.
+PARAM_PATH = re.compile(r'(?:[\w.\[\]-]|\["(?:[^"\\]|\\.)*"\])*(\.\.\.)?')
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=30),
@@ -59,7 +61,7 @@ def test_protocol_answers_every_body_with_a_request_or_a_400(body: bytes):
         assert exc.status == 400 and not leaks(exc.message)
         ERROR.validate(exc.body())
         if exc.param is not None:
-            assert re.fullmatch(r"[\w.\[\]-]*(\.\.\.)?", exc.param) or "..." in exc.param, exc.param
+            assert PARAM_PATH.fullmatch(exc.param) or "..." in exc.param, exc.param
     else:
         assert (request.conversation is None) != (request.prompts is None)
         assert 1 <= request.settings.max_new_tokens <= LIMITS.max_new_tokens

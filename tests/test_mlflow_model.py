@@ -12,11 +12,13 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 import pytest
+import yaml
 from mlflow.exceptions import MlflowException
 
+from mixtral_endpoint.config import ServerConfig
 from mixtral_endpoint.errors import CheckpointError
-from mixtral_endpoint.protocol import load_schema
-from mixtral_endpoint.pyfunc import find_mlmodel
+from mixtral_endpoint.packaging import package_model
+from mixtral_endpoint.pyfunc import find_mlmodel, load_scorer, signature
 from mixtral_endpoint.service import Scorer
 
 CONVERSATION = [{"role": "user", "content": "I am going to Paris, what should I see?"}]
@@ -32,10 +34,36 @@ def test_model_folder_holds_no_pickle(mlflow_model: Path):
     assert "model_code_path" in (mlflow_model / "MLmodel").read_text()
 
 
-def test_params_schema_lists_every_parameter_with_its_default(loaded: mlflow.pyfunc.PyFuncModel):
-    params = {p.name: p.default for p in loaded.metadata.get_params_schema().params}
-    properties = load_schema("request")["$defs"]["parameters"]["properties"]
-    assert params == {name: spec["default"] for name, spec in properties.items()}
+def test_saved_params_schema_is_the_parameter_table(loaded: mlflow.pyfunc.PyFuncModel):
+    saved = {p.name: p.default for p in loaded.metadata.get_params_schema().params}
+    assert saved == {p.name: p.default for p in signature().params.params}
+    assert saved["max_new_tokens"] is None  # the server's default, not one frozen into the model
+
+
+# (MIXTRAL_MAX_NEW_TOKENS, MIXTRAL_DEFAULT_MAX_NEW_TOKENS) -> (cap, default); None: unset.
+NEW_TOKEN_SETTINGS = [
+    (("128", "64"), (128, 64)),  # the issue's report: predict without max_new_tokens was refused
+    (("12", None), (12, 12)),  # the cap alone lowers the default with it
+    ((None, "7"), (1024, 7)),
+    ((None, None), (1024, 256)),
+]
+
+
+@pytest.mark.parametrize(("env", "expected"), NEW_TOKEN_SETTINGS)
+def test_predict_takes_the_servers_default_and_cap_for_max_new_tokens(
+        mlflow_model: Path, monkeypatch: pytest.MonkeyPatch, env: tuple[str | None, str | None],
+        expected: tuple[int, int]):
+    for name, value in zip(("MIXTRAL_MAX_NEW_TOKENS", "MIXTRAL_DEFAULT_MAX_NEW_TOKENS"), env, strict=True):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    cap, default = expected
+    model = mlflow.pyfunc.load_model(str(mlflow_model))
+    ((row,),) = model.predict({"input_string": ["Once upon a time"]}, params={"ignore_eos": True})
+    assert row["usage"]["completion_tokens"] == default
+    with pytest.raises(MlflowException, match=f"at most {cap}"):
+        model.predict({"input_string": ["Once upon a time"]}, params={"max_new_tokens": cap + 1})
 
 
 def test_predict_matches_the_core_for_a_conversation(loaded: mlflow.pyfunc.PyFuncModel, scorer: Scorer):
@@ -119,3 +147,23 @@ def test_a_process_that_predicted_exits_with_status_0(mlflow_model: Path):
                               timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         assert "finish_reason" in done.stdout
+def test_stream_is_refused_by_predict(loaded: mlflow.pyfunc.PyFuncModel):
+    with pytest.raises(MlflowException) as caught:
+        loaded.predict({"input_string": ["hi"]}, params={"stream": True})
+    assert caught.value.get_http_status_code() == 400 and "/score endpoint only" in caught.value.message
+
+
+def test_load_scorer_hands_the_doors_settings_down(azureml_models: Path, monkeypatch: pytest.MonkeyPatch):
+    """score.py and batch_score.py build the settings once; loading the model must not read them again."""
+    monkeypatch.setenv("MIXTRAL_MAX_NEW_TOKENS", "lots")  # reading the environment would fail on this
+    config = ServerConfig(max_new_tokens=9, default_max_new_tokens=3)
+    assert load_scorer(azureml_models, config).config == config
+
+
+def test_a_model_that_cannot_take_settings_is_refused_before_loading(tiny_checkpoint: Path, tmp_path: Path):
+    out = package_model(tiny_checkpoint, tmp_path / "old", reference=True)
+    mlmodel = yaml.safe_load((out / "MLmodel").read_text())
+    del mlmodel["flavors"]["python_function"]["config"]  # as packaged before the settings were handed down
+    (out / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    with pytest.raises(CheckpointError, match="package it again"):
+        load_scorer(out, ServerConfig())

@@ -36,18 +36,26 @@ def mlflow_server(mlflow_model: Path, tmp_path_factory: pytest.TempPathFactory,
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if requests.get(url + "/ping", timeout=5).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.5)
-        assert process.poll() is None, f"mlflow models serve exited: {Path(log.name).read_text()[-3000:]}"
+        while not _ready(url):
+            assert process.poll() is None, f"mlflow models serve exited: {Path(log.name).read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"not ready after 120 s: {Path(log.name).read_text()[-3000:]}"
+            time.sleep(0.5)
         yield url
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
         log.close()
+
+
+def _ready(url: str) -> bool:
+    try:
+        return requests.get(url + "/ping", timeout=5).ok
+    except requests.RequestException:
+        return False
 
 
 def invoke(url: str, body: dict) -> requests.Response:
@@ -73,12 +81,24 @@ def test_dataframe_split_scores_one_prompt_per_row(mlflow_server: str, scorer):
     assert response.json() == {"predictions": expected}
 
 
+def test_max_new_tokens_default_and_cap_are_the_servers(mlflow_server: str):
+    """The signature leaves max_new_tokens unset, so MIXTRAL_DEFAULT_MAX_NEW_TOKENS (16) and
+    MIXTRAL_MAX_NEW_TOKENS (64) hold here as on /score."""
+    response = invoke(mlflow_server, {"inputs": {"input_string": ["Once upon a time"]}, "params": {"ignore_eos": True}})
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0][0]["usage"]["completion_tokens"] == int(
+        SERVER_ENV["MIXTRAL_DEFAULT_MAX_NEW_TOKENS"])
+    response = invoke(mlflow_server, {"inputs": {"input_string": ["hi"]}, "params": {"max_new_tokens": 65}})
+    assert response.status_code == 400 and "at most 64" in response.json()["message"]
+
+
 @pytest.mark.parametrize(("body", "words"), [
     ({"inputs": {"input_string": [{"role": "assistant", "content": "x"}]}}, "role"),
     ({"inputs": {"input_string": ["hi"]}, "params": {"temperature": -1}}, "parameters.temperature must be >= 0"),
     ({"inputs": {"input_string": ["hi"]}, "params": {"temperature": "hot"}}, "temperature"),
     ({"inputs": {"input_string": ["hi"]}, "params": {"max_new_tokens": 100_000}}, "max_new_tokens"),
     ({"inputs": {"prompt": ["hi"]}}, "input_string"),
+    ({"inputs": {"input_string": ["hi"]}, "params": {"stream": True}}, "/score endpoint only"),
 ])
 def test_bad_input_gets_a_4xx_with_a_message(mlflow_server: str, body: dict, words: str):
     response = invoke(mlflow_server, body)

@@ -10,7 +10,6 @@ import requests
 from azure.ai.inference import ChatCompletionsClient
 from azure.ai.inference.models import SystemMessage, UserMessage
 from azure.core.credentials import AzureKeyCredential
-from azure.core.exceptions import HttpResponseError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from langchain_openai import ChatOpenAI
@@ -21,7 +20,8 @@ from mixtral_endpoint.openai_protocol import MODEL_NAME, parse
 from mixtral_endpoint.protocol import RequestLimits
 
 SECRET = "Zyzzyva-prompt-text"
-CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is so great about Paris?"}]
+CONVERSATION = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is so great about Paris?"}]
 LIMITS = RequestLimits(max_new_tokens=64, default_max_new_tokens=16, max_prompts=4)
 
 

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -75,7 +76,7 @@ def broken_index(path: Path) -> None:
     (broken_index, "model.safetensors.index.json"),
 ])
 def test_a_broken_checkpoint_is_refused_naming_the_file(broken: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                        damage, named: str):  # noqa: ANN001
+                                                        damage: Callable[[Path], None], named: str):
     damage(broken)
     out = tmp_path / "model"
     assert main(["package", "--checkpoint", str(broken), "--out", str(out)]) == 2

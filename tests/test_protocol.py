@@ -74,14 +74,15 @@ def test_defaults_when_no_parameters():
     request = parse_request({"input_data": {"input_string": ["hi"]}}, LIMITS)
     s = request.settings
     assert (s.max_new_tokens, s.do_sample, s.temperature, s.top_p, s.top_k) == (256, False, 1.0, 1.0, 0)
-    assert (s.repetition_penalty, s.stop, s.seed, s.ignore_eos) == (1.0, (), None, False)
+    assert (s.repetition_penalty, s.seed, s.ignore_eos) == (1.0, None, False)
     assert s.greedy and not request.return_full_text and not request.return_token_ids
+    assert request.stop == () and not request.stream
 
 
 def test_parameters_inside_input_data_are_read():
     payload = {"input_data": {"input_string": ["hi"], "parameters": {"max_new_tokens": 7, "stop": "x"}}}
-    settings = parse_request(payload, LIMITS).settings
-    assert settings.max_new_tokens == 7 and settings.stop == ("x",)
+    request = parse_request(payload, LIMITS)
+    assert request.settings.max_new_tokens == 7 and request.stop == ("x",)
 
 
 def test_parameters_in_both_places_agreeing_are_accepted():
@@ -133,6 +134,8 @@ BAD_REQUESTS = [
     (text_request(do_sample="yes"), "parameters.do_sample", "must be a boolean"),
     ({"input_data": {"input_string": ["a"]}, "parameters": []}, "parameters", "must be an object"),
     ({"input_data": {"input_string": ["a"]}, "extra": 1}, "extra", "unknown field"),
+    ({"input_data": {"input_string": ["a"]}, ":": 1}, '[":"]', "unknown field ':'"),
+    (text_request(**{"top p": 1}), 'parameters["top p"]', "unknown parameter 'top p'"),
     ({"input_data": {"input_string": ["a"] * 9}}, "input_data.input_string", "at most 8"),
     ({"input_data": {"input_string": ["a"], "parameters": {"seed": 1}}, "parameters": {"seed": 2}},
      "parameters.seed", "both"),

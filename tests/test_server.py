@@ -95,6 +95,26 @@ def test_oversized_body_is_413_and_the_server_stays_up(server: str):
     assert post(server, {"input_data": {"input_string": ["hi"]}, "parameters": {"max_new_tokens": 2}}).ok
 
 
+def test_chunked_body_over_the_cap_is_413_without_reading_it_all(server: str):
+    """A chunked body declares no length; it is read only up to the cap."""
+    chunks = iter([b'{"input_data": {"input_string": ["', b"a" * 70_000, b'"]}}'])
+    error = assert_error(post_raw(server, chunks), 413)
+    assert "over 65536 bytes" in error["message"]
+
+
+def test_max_new_tokens_default_and_cap_are_the_servers(server: str):
+    response = post(server, {"input_data": {"input_string": ["Once upon a time"]}, "parameters": {"ignore_eos": True}})
+    assert response.status_code == 200, response.text
+    assert response.json()[0]["usage"]["completion_tokens"] == int(SERVER_ENV["MIXTRAL_DEFAULT_MAX_NEW_TOKENS"])
+    error = assert_error(post(server, {"input_data": {"input_string": ["hi"]}, "parameters": {"max_new_tokens": 65}}),
+                         400, "parameters.max_new_tokens")
+    assert "at most 64" in error["message"]
+
+
+def post_raw(server: str, chunks: object) -> requests.Response:
+    return requests.post(server + "/score", data=chunks, timeout=120, headers={"Content-Type": "application/json"})
+
+
 def test_get_on_score_is_refused_with_a_json_error(server: str):
     response = requests.get(server + "/score", timeout=10)
     assert 400 <= response.status_code < 500

@@ -94,9 +94,33 @@ def test_too_many_prompts_for_the_server_cap(any_scorer: Scorer):
 
 
 def test_oversized_body_is_refused_before_parsing(any_scorer: Scorer):
-    with pytest.raises(PayloadTooLarge) as caught:
-        any_scorer.read_json(io.BytesIO(b"{" * (any_scorer.config.max_body_bytes + 1)))
+    limit = any_scorer.config.max_body_bytes
+    with pytest.raises(PayloadTooLarge, match=f"over {limit} bytes") as caught:
+        any_scorer.read_json(io.BytesIO(b"{" * (limit + 1)))
     assert caught.value.status == 413
+
+
+def test_a_body_declared_too_long_is_refused_before_it_is_read(any_scorer: Scorer):
+    body = io.BytesIO(b'{"input_data": {"input_string": ["hi"]}}')
+    declared = any_scorer.config.max_body_bytes + 1
+    with pytest.raises(PayloadTooLarge, match=f"is {declared} bytes"):
+        any_scorer.read_json(body, declared_length=declared)
+    assert body.tell() == 0
+
+
+def test_a_body_is_never_read_past_the_cap_whatever_it_declares(any_scorer: Scorer):
+    body = io.BytesIO(b" " * (any_scorer.config.max_body_bytes * 3))
+    with pytest.raises(PayloadTooLarge):
+        any_scorer.read_json(body, declared_length=10)
+    assert body.tell() == any_scorer.config.max_body_bytes + 1
+
+
+def test_stream_is_served_only_where_the_door_can_stream(any_scorer: Scorer):
+    with pytest.raises(InvalidRequest, match="/score endpoint only") as caught:
+        any_scorer.score(text("hi", stream=True, max_new_tokens=2))
+    assert caught.value.param == "parameters.stream"
+    events = any_scorer.score(text("hi", stream=True, max_new_tokens=2), stream_ok=True)
+    assert "".join(events).endswith("data: [DONE]\n\n")
 
 
 def test_max_new_tokens_above_the_server_cap(any_scorer: Scorer):
@@ -105,4 +129,4 @@ def test_max_new_tokens_above_the_server_cap(any_scorer: Scorer):
 
 
 def test_default_max_new_tokens_comes_from_the_server(any_scorer: Scorer):
-    assert any_scorer.score(text("hi"))[0]["usage"]["completion_tokens"] == 16
+    assert any_scorer.score(text("hi", ignore_eos=True))[0]["usage"]["completion_tokens"] == 16

@@ -1,0 +1,123 @@
+"""One table of request parameters: the schema, swagger, MLflow signature, settings and README follow it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from mixtral_endpoint.config import ServerConfig
+from mixtral_endpoint.parameters import BY_NAME, PARAMETERS, SERVER_DEFAULT, Parameter, json_schema
+from mixtral_endpoint.protocol import ScoringRequest, load_schema
+from mixtral_endpoint.pyfunc import signature
+from mixtral_endpoint.sampling import SamplingSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMES = [p.name for p in PARAMETERS]
+
+
+def test_committed_request_schema_holds_the_table():
+    assert load_schema("request")["$defs"]["parameters"] == json_schema(), "run `mixtral-endpoint swagger`"
+
+
+@pytest.mark.parametrize("version", ["2", "3"])
+def test_committed_swagger_agrees_with_the_table(version: str):
+    spec = json.loads((ROOT / f"swagger{version}.json").read_text())
+    definitions = spec["definitions"] if version == "2" else spec["components"]["schemas"]
+    properties = definitions["Request_parameters"]["properties"]
+    assert list(properties) == NAMES
+    for p in PARAMETERS:
+        swagger = properties[p.name]
+        assert swagger.get("default", "unset") == _json_default(p, version), p.name
+        assert swagger.get("maximum") == p.maximum, p.name
+        assert swagger.get("minimum") == (p.minimum if p.exclusive_minimum is None else p.exclusive_minimum), p.name
+        assert swagger.get("type", "string") == p.type, p.name
+
+
+def _json_default(p: Parameter, version: str) -> object:
+    if p.server_decides_default or (p.default is None and version == "2"):  # Swagger 2.0 has no null default
+        return "unset"
+    return list(p.default) if isinstance(p.default, tuple) else p.default
+
+
+def test_mlflow_signature_agrees_with_the_table():
+    specs = {spec.name: spec for spec in signature().params.params}
+    assert list(specs) == NAMES
+    types = {"number": "double", "integer": "long", "boolean": "boolean", "string": "string"}
+    for p in PARAMETERS:
+        assert specs[p.name].dtype.name == types[p.type], p.name
+        expected = None if p.server_decides_default else p.default
+        assert specs[p.name].default == (list(expected) if isinstance(expected, tuple) else expected), p.name
+
+
+def test_max_new_tokens_default_is_the_servers_everywhere():
+    """A literal default here would override MIXTRAL_DEFAULT_MAX_NEW_TOKENS (and trip the cap)."""
+    assert BY_NAME["max_new_tokens"].default is SERVER_DEFAULT
+    assert "default" not in load_schema("request")["$defs"]["parameters"]["properties"]["max_new_tokens"]
+    assert next(s for s in signature().params.params if s.name == "max_new_tokens").default is None
+
+
+def test_every_parameter_lands_in_the_settings_or_the_request():
+    settings = {f.name for f in dataclasses.fields(SamplingSettings)}
+    request = {f.name for f in dataclasses.fields(ScoringRequest)}
+    assert settings == {p.name for p in PARAMETERS if p.goes_to == "settings"}
+    assert {p.name for p in PARAMETERS if p.goes_to == "request"} <= request
+    assert BY_NAME["stop"].goes_to == "request"  # text: the engine knows only token ids
+
+
+def test_sampling_settings_defaults_are_the_tables():
+    settings = SamplingSettings(max_new_tokens=1)
+    for f in dataclasses.fields(settings):
+        if f.name != "max_new_tokens":
+            assert getattr(settings, f.name) == BY_NAME[f.name].default, f.name
+
+
+@pytest.mark.parametrize(("name", "value", "problem"), [
+    ("temperature", -0.1, "must be >= 0"),
+    ("temperature", 100.5, "must be <= 100"),
+    ("temperature", 0, None),
+    ("top_p", 0, "must be > 0"),
+    ("top_p", 1, None),
+    ("top_k", -1, "must be >= 0"),
+    ("max_new_tokens", 0, "must be >= 1"),
+    ("repetition_penalty", 0.0, "must be > 0"),
+    ("seed", 2**63, "must be <= 9223372036854775807"),
+])
+def test_bounds_are_checked_from_the_table(name: str, value: float, problem: str | None):
+    assert BY_NAME[name].violation(value) == problem
+    if name != "seed" and problem is not None:
+        with pytest.raises(ValueError, match=f"{name} {problem}"):
+            SamplingSettings(**{"max_new_tokens": 4, name: value})
+
+
+def test_openai_names_are_unique():
+    names = [p.openai for p in PARAMETERS if p.openai is not None]
+    assert len(names) == len(set(names)) and BY_NAME["max_new_tokens"].openai == "max_tokens"
+
+
+def _readme_kind(p: Parameter) -> str:
+    if p.max_items is not None:
+        return f"string or up to {p.max_items} strings"
+    shown = {2**63 - 1: "2^63-1"}
+    low, strict = (p.exclusive_minimum, True) if p.exclusive_minimum is not None else (p.minimum, False)
+    if p.maximum is not None:
+        high = shown.get(p.maximum, f"{p.maximum:g}")
+        return f"{low:g} {'<' if strict else '<='} {p.type} <= {high}"
+    return p.type if low is None else f"{p.type} {'>' if strict else '>='} {low:g}"
+
+
+def _readme_default(p: Parameter) -> str:
+    if p.server_decides_default:
+        return f"`MIXTRAL_DEFAULT_MAX_NEW_TOKENS` ({ServerConfig().limits.default_max_new_tokens})"
+    if p.default in (None, ()):
+        return "none"
+    return json.dumps(p.default)
+
+
+def test_readme_parameter_table_is_the_table():
+    rows = [f"| `{p.name}` | {_readme_kind(p)} | {_readme_default(p)} | {p.description} |" for p in PARAMETERS]
+    readme = (ROOT / "README.md").read_text()
+    missing = [row for row in rows if row not in readme]
+    assert not missing, "README rows to write:\n" + "\n".join(missing)
