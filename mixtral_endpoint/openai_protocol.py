@@ -173,8 +173,8 @@ def _rename(param: str | None, names: tuple[str, bool | None], body: dict[str, A
         return "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     if name == "do_sample":
         return "temperature"
-    openai = {ours: theirs for theirs, ours in _OURS.items()}
-    return openai.get(name.split("[")[0], name) + name[len(name.split("[")[0]):]
+    base = name.split("[")[0]
+    return {ours: theirs for theirs, ours in _OURS.items()}.get(base, base) + name[len(base):]
 
 
 def error_body(error: ScoringError) -> dict[str, Any]:
