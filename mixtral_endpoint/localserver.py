@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -57,8 +58,8 @@ class LocalServer:
         try:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            os.killpg(self.process.pid, signal.SIGKILL)  # the worker too: it runs in the server's session
+            self.process.wait(timeout=20)
         self._log.close()
 
     def __enter__(self) -> LocalServer:
