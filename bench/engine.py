@@ -18,6 +18,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,7 +55,7 @@ def build(kind: str, device: torch.device) -> MixtralForCausalLM:
     return model.eval()
 
 
-def timed(fn) -> float:  # noqa: ANN001
+def timed(fn: Callable[[], object]) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -82,7 +83,7 @@ def crowd(scheduler: TransformersEngine, prompts: list[list[int]], settings: Sam
     for caller in callers:
         caller.start()
     for row in rows:
-        row.done.wait()
+        assert row.done.wait(600), "a row never ended"
     assert all(len(r.tokens) == settings.max_new_tokens for r in rows)
     return rows
 

@@ -8,7 +8,9 @@ import json
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import flask
 import pytest
@@ -41,7 +43,7 @@ def no_tokenizer(path: Path) -> None:
 @pytest.mark.parametrize(("damage", "named"), [(truncate_shard, "model-00001-of-00003.safetensors is truncated"),
                                                (not_mixtral, "config.json"), (no_tokenizer, "tokenizer.model")])
 def test_init_fails_fast_naming_the_file_and_the_server_never_answers(tiny_checkpoint: Path, tmp_path: Path,
-                                                                      damage, named: str):  # noqa: ANN001
+                                                                      damage: Callable[[Path], None], named: str):
     checkpoint = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
     model_dir = package_model(checkpoint, tmp_path / "model", reference=True)
     damage(checkpoint)  # after packaging: the model points at a checkpoint that broke since
@@ -53,7 +55,7 @@ def test_init_fails_fast_naming_the_file_and_the_server_never_answers(tiny_check
         server.stop()
 
 
-def load_score_py():  # noqa: ANN201
+def load_score_py() -> ModuleType:
     spec = importlib.util.spec_from_file_location("score_entry", ROOT / "score.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -93,7 +95,7 @@ def test_a_failure_in_generation_is_a_500_for_that_request_only(scorer: Scorer, 
             time.sleep(0.001)
         with pytest.raises(InternalError) as caught:
             scorer.score({"input_data": {"input_string": ["trigger a fault"]}})
-        neighbour.join()
+        neighbour.join(timeout=120)
     finally:
         model.forward = forward
     assert caught.value.status == 500 and "CUDA" not in caught.value.message
