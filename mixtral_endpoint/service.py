@@ -226,8 +226,15 @@ class Scorer:
 
     def _stream(self, request_id: str, request: ScoringRequest, row: Row, text: Detokenizer,
                 sink: queue.SimpleQueue) -> Iterator[str | Completion]:
-        with contextlib.closing(self._follow(request_id, [row], [text], sink)) as pieces:
-            yield from pieces
+        try:
+            with contextlib.closing(self._follow(request_id, [row], [text], sink)) as pieces:
+                yield from pieces
+        except GeneratorExit:  # the caller went away; _follow has cancelled the row
+            row.done.wait(timeout=_GRACE_S)
+            log.info("request=%s engine=%s cancelled: the caller went away; generation stopped after %d tokens "
+                     "(max_new_tokens %d)", request_id, self.engine.name, len(row.tokens),
+                     request.settings.max_new_tokens)
+            raise
         completion = self._complete(row, text)
         self._log(request_id, request, [row], [completion])
         yield completion

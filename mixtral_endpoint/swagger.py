@@ -43,7 +43,44 @@ def build_swagger(version: str) -> dict[str, Any]:
     ours = {"$ref": ref_root + _def_name("response", "error_response")}
     # 4xx/5xx from score.py have our error shape; azmlinfsrv's own failures keep its {"message"} shape.
     schemas["ErrorResponse"] = ours if version == "2" else {"anyOf": [ours, schemas["ErrorResponse"]]}
+    for def_name, definition in load_schema("openai")["$defs"].items():
+        schemas[_def_name("openai", def_name)] = _convert(definition, version, ref_root, "openai")
+    spec["paths"].update(_openai_paths(version, ref_root))
     return spec
+
+
+# The OpenAI / Azure AI Model Inference routes (openai_routes.py): path -> (method, request, response, what).
+OPENAI_ROUTES = {
+    "/v1/chat/completions": ("post", "chat_request", "chat_completion", "OpenAI chat completions"),
+    "/chat/completions": ("post", "chat_request", "chat_completion", "Azure AI Model Inference chat completions"),
+    "/v1/completions": ("post", "completion_request", "text_completion", "OpenAI text completions"),
+    "/completions": ("post", "completion_request", "text_completion", "text completions"),
+    "/v1/models": ("get", None, "model_list", "the served model"),
+    "/info": ("get", None, "model_info", "Azure AI Model Inference model information"),
+}
+
+
+def _openai_paths(version: str, ref_root: str) -> dict[str, Any]:
+    def ref(name: str) -> dict[str, str]:
+        return {"$ref": ref_root + _def_name("openai", name)}
+
+    def body(name: str, description: str) -> dict[str, Any]:
+        if version == "2":
+            return {"description": description, "schema": ref(name)}
+        return {"description": description, "content": {"application/json": {"schema": ref(name)}}}
+
+    paths: dict[str, Any] = {}
+    for path, (method, request, response, what) in OPENAI_ROUTES.items():
+        operation: dict[str, Any] = {
+            "operationId": "openai" + path.replace("/", "_"), "description": what,
+            "responses": {"200": body(response, what), "default": body("error_response", "OpenAI's error shape")},
+        }
+        if request is not None and version == "2":
+            operation["parameters"] = [{"in": "body", "name": "body", "required": True, "schema": ref(request)}]
+        elif request is not None:
+            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(request)}}}
+        paths[path] = {method: operation}
+    return paths
 
 
 def write_request_schema(schema_dir: Path = SCHEMA_DIR) -> Path:
@@ -79,7 +116,9 @@ def _convert(node: Any, version: str, ref_root: str, schema_name: str) -> Any:
     for key, value in node.items():
         if key in ("$schema", "$id") or (key == "default" and value is None and version == "2"):
             continue
-        if key == "$ref":
+        if key == "const":
+            out["enum"] = [value]  # OpenAPI 3.0 and Swagger 2.0 have no const
+        elif key == "$ref":
             out["$ref"] = ref_root + _def_name(schema_name, value.rsplit("/", 1)[1])
         elif key == "type" and isinstance(value, list):
             out["type"] = next(t for t in value if t != "null")

@@ -17,12 +17,13 @@ import contextlib
 import itertools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .engine import EngineThread, Row
-from .errors import DoesNotFit, InternalError
+from .errors import ConfigError, DoesNotFit, InternalError
 from .placement import plan_placement
 from .sampling import SamplingSettings
 
@@ -33,6 +34,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _FINISH_REASONS = {"stop": "stop", "length": "length"}  # vLLM's; "abort" never reaches a caller
+# vLLM keeps its parallel state (world, tensor and pipeline groups) per process: a second engine in
+# the same process, or one closed beside a live one, tears it down under the other (seen in the tests:
+# "pipeline model parallel group is not initialized"). One vLLM engine per process, as a server runs.
+_live = threading.Lock()
 
 
 class VllmEngine(EngineThread):
@@ -59,6 +64,8 @@ class VllmEngine(EngineThread):
         plan = plan_placement(checkpoint, config, rows=config.max_batch_size, tokens=tokens)
         if not plan.fits:
             raise DoesNotFit(f"{checkpoint.path}: {plan.verdict}")
+        if not _live.acquire(blocking=False):
+            raise ConfigError("a vLLM engine is already loaded in this process; vLLM runs one engine per process")
         gpus = torch.cuda.device_count()
         args: dict[str, Any] = {
             "model": str(checkpoint.path),
@@ -81,8 +88,14 @@ class VllmEngine(EngineThread):
             args["enforce_eager"] = True
             args["kv_cache_memory_bytes"] = plan.kv_bytes  # the sizing plan's cache for batch x context
         log.info("loading %s with vLLM: %s", checkpoint.path, plan.verdict)
-        return cls(lambda: _build_llm_engine(args), eos_id=int(checkpoint.config["eos_token_id"]),
-                   context_window=checkpoint.context_window, vocab_size=int(checkpoint.config["vocab_size"]))
+        try:
+            engine = cls(lambda: _build_llm_engine(args), eos_id=int(checkpoint.config["eos_token_id"]),
+                         context_window=checkpoint.context_window, vocab_size=int(checkpoint.config["vocab_size"]))
+        except BaseException:
+            _live.release()
+            raise
+        engine._holds_the_process = True
+        return engine
 
     @property
     def row_counts(self) -> tuple[int, int]:
@@ -100,6 +113,8 @@ class VllmEngine(EngineThread):
 
     def _unload(self) -> None:
         self.__dict__.pop("llm", None)
+        if self.__dict__.pop("_holds_the_process", False):
+            _live.release()
 
     def _next(self) -> bool:
         """Hands newcomers to vLLM and aborts rows that ended early; False once closing."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -64,25 +63,31 @@ def test_every_line_gets_one_row_and_bad_lines_are_error_rows(any_scorer, inputs
     assert ("mixed.jsonl", 3) not in by_key  # blank lines are not requests
 
 
+ENTRY = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("batch_score", sys.argv[1])
+entry = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(entry)
+entry.init()
+print(json.dumps({"engine": entry.scorer.engine.name, "rows": entry.run(sys.argv[2:])}))
+"""
+
+
 @pytest.mark.parametrize("engine", ENGINES)
-def test_azure_batch_entry_script_returns_one_row_per_line(azureml_models: Path, inputs: list[Path], engine: str,
-                                                           monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("AZUREML_MODEL_DIR", str(azureml_models))
-    monkeypatch.setenv("MIXTRAL_ENGINE", engine)
-    for name, value in SERVER_ENV.items():
-        monkeypatch.setenv(name, value)
-    spec = importlib.util.spec_from_file_location("batch_score", ROOT / "batch_score.py")
-    entry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(entry)
-    entry.init()
+def test_azure_batch_entry_script_returns_one_row_per_line(azureml_models: Path, inputs: list[Path], engine: str):
+    """In its own process, as Azure runs it (and as vLLM needs: one engine per process)."""
     defaults = write_jsonl(inputs[0].parent / "defaults.jsonl", [
         {"input_data": {"input_string": ["Once upon a time"]}, "parameters": {"ignore_eos": True}},
         {"input_data": {"input_string": ["hi"]}, "parameters": {"max_new_tokens": 65}},
         {"input_data": {"input_string": ["hi"]}, "parameters": {"stream": True}},
     ])
-    rows = [json.loads(r) for r in entry.run([str(p) for p in [*inputs, defaults]])]
-    entry.scorer.close()
-    assert entry.scorer.engine.name == engine and len(rows) == 15
+    env = {**os.environ, **SERVER_ENV, "AZUREML_MODEL_DIR": str(azureml_models), "MIXTRAL_ENGINE": engine}
+    done = subprocess.run([sys.executable, "-c", ENTRY, str(ROOT / "batch_score.py"), *map(str, [*inputs, defaults])],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = [json.loads(r) for r in answer["rows"]]
+    assert answer["engine"] == engine and len(rows) == 15
     assert sum("error" in r for r in rows) == 7 and sum("response" in r for r in rows) == 8
     by_line = {r["line"]: r for r in rows if r["file"] == str(defaults)}
     # The server's default and cap for max_new_tokens (SERVER_ENV: 16 and 64), as on /score and MLflow.
@@ -97,8 +102,8 @@ def run_batch(args: list[str], engine: str) -> subprocess.Popen:
                             env={**os.environ, "MIXTRAL_ENGINE": engine})
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_killed_and_restarted_the_output_has_every_line_exactly_once(mlflow_model: Path, tmp_path: Path, engine: str):
+def test_killed_and_restarted_the_output_has_every_line_exactly_once(mlflow_model: Path, tmp_path: Path):
+    engine = "transformers"  # resuming is the command's own logic; vLLM runs the command below
     source = write_jsonl(tmp_path / "in.jsonl", [request(i, max_new_tokens=24) for i in range(60)])
     output = tmp_path / "out.jsonl"
     args = [str(source), "--output", str(output), "--model", str(mlflow_model), "--workers", "4"]
@@ -124,3 +129,15 @@ def test_killed_and_restarted_the_output_has_every_line_exactly_once(mlflow_mode
     again = run_batch(args, engine)
     out, _ = again.communicate(timeout=120)
     assert json.loads(out.strip().splitlines()[-1])["rows"] == 0
+
+
+def test_the_batch_command_on_vllm_gives_our_engines_greedy_answers(mlflow_model: Path, tmp_path: Path, scorer):
+    source = write_jsonl(tmp_path / "in.jsonl", [request(i) for i in range(6)])
+    output = tmp_path / "out.jsonl"
+    done = run_batch([str(source), "--output", str(output), "--model", str(mlflow_model)], "vllm")
+    out, err = done.communicate(timeout=240)
+    assert done.returncode == 0, err[-3000:]
+    assert "engine: vllm" in err
+    rows = sorted((json.loads(line) for line in output.read_text().splitlines()), key=lambda r: r["line"])
+    assert [r["response"] for r in rows] == [scorer.score({k: v for k, v in request(i).items() if k != "id"})
+                                             for i in range(6)]

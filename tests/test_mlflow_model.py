@@ -6,7 +6,6 @@ import logging
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -107,23 +106,6 @@ def test_find_mlmodel_accepts_the_folder_or_one_level_down(azureml_models: Path,
         find_mlmodel(tmp_path)
 
 
-@pytest.fixture(scope="module")
-def loaded_on_vllm(mlflow_model: Path) -> Iterator[mlflow.pyfunc.PyFuncModel]:
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MIXTRAL_ENGINE", "vllm")  # MLflow's loader hands the model no settings but the environment
-        model = mlflow.pyfunc.load_model(str(mlflow_model))
-    yield model
-    model.unwrap_python_model().scorer.close()
-
-
-def test_predict_on_vllm_gives_our_engines_greedy_answers(loaded_on_vllm: mlflow.pyfunc.PyFuncModel, scorer: Scorer):
-    assert loaded_on_vllm.unwrap_python_model().scorer.engine.name == "vllm"
-    frame = pd.DataFrame({"input_string": ["Once upon a time", "The capital of France is", "x"]})
-    expected = [scorer.score({"input_data": {"input_string": [p]}, "parameters": {"max_new_tokens": 6}})[0]
-                for p in frame["input_string"]]
-    assert loaded_on_vllm.predict(frame, params={"max_new_tokens": 6}) == expected
-
-
 def test_predict_submits_a_dataframes_rows_together(loaded: mlflow.pyfunc.PyFuncModel,
                                                     caplog: pytest.LogCaptureFixture):
     frame = pd.DataFrame({"input_string": [f"Prompt number {i}" for i in range(8)]})
@@ -142,7 +124,7 @@ print(model.predict({"input_string": ["a", "b"]}, params={"max_new_tokens": 4}))
 
 def test_a_process_that_predicted_exits_with_status_0(mlflow_model: Path):
     """A batch job reports a non-zero exit as a failure: the engine thread is stopped at exit."""
-    for _ in range(6):
+    for _ in range(3):
         done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(mlflow_model)], capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]

@@ -12,12 +12,13 @@ from azure.ai.inference.models import SystemMessage, UserMessage
 from azure.core.credentials import AzureKeyCredential
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 from langchain_openai import ChatOpenAI
 from openai import BadRequestError, OpenAI
 
 from mixtral_endpoint.errors import ScoringError
 from mixtral_endpoint.openai_protocol import MODEL_NAME, parse
-from mixtral_endpoint.protocol import RequestLimits
+from mixtral_endpoint.protocol import RequestLimits, load_schema
 
 SECRET = "Zyzzyva-prompt-text"
 CONVERSATION = [{"role": "system", "content": "Be brief."},
@@ -187,3 +188,21 @@ def test_fuzz_a_live_server_answers_openai_bodies_with_200_or_a_4xx_in_the_opena
     assert response.status_code in (200, 400), response.text
     if response.status_code == 400:
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def openai_schema(name: str) -> Draft202012Validator:
+    return Draft202012Validator({**load_schema("openai"), "$ref": f"#/$defs/{name}"})
+
+
+def test_every_route_answers_what_schemas_openai_describes(server: str):
+    chat = {"messages": CONVERSATION, "max_tokens": 6, "temperature": 0}
+    completion = {"prompt": ["Once upon a time", "x"], "max_tokens": 6}
+    for name, body in (("chat_request", chat), ("completion_request", completion)):
+        openai_schema(name).validate(body)
+    answers = [("chat_completion", requests.post(server + "/v1/chat/completions", json=chat, timeout=60)),
+               ("text_completion", requests.post(server + "/completions", json=completion, timeout=60)),
+               ("model_list", requests.get(server + "/v1/models", timeout=30)),
+               ("model_info", requests.get(server + "/info", timeout=30)),
+               ("error_response", requests.post(server + "/v1/chat/completions", json={"n": 3}, timeout=30))]
+    for name, response in answers:
+        openai_schema(name).validate(response.json())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -120,14 +121,20 @@ def test_stream_takes_one_prompt(any_server: tuple[str, Path]):
     assert response.status_code == 400 and response.json()["error"]["param"] == "parameters.stream"
 
 
-def test_a_caller_that_disconnects_mid_stream_does_not_hurt_others(any_server: tuple[str, Path]):
-    server, _ = any_server
+def test_a_caller_that_disconnects_mid_stream_stops_its_generation(any_server: tuple[str, Path]):
+    server, server_log = any_server
     host, port = server.removeprefix("http://").split(":")
-    body = json.dumps(text("Once upon a time", max_new_tokens=64, stream=True)).encode()
+    body = json.dumps(text("Once upon a time", max_new_tokens=64, ignore_eos=True, stream=True)).encode()
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-request-id: gone\r\n"
                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         assert b"200" in sock.recv(64)
+    deadline = time.monotonic() + 30
+    cancelled = re.compile(r"request=gone engine=\S+ cancelled: .* after (\d+) tokens")
+    while not (stopped := cancelled.findall(server_log.read_text())):
+        assert time.monotonic() < deadline, "the abandoned generation was never cancelled"
+        time.sleep(0.1)
+    assert int(stopped[-1]) < 64  # it stopped early, not at max_new_tokens
     assert post(server, REQUESTS[0]).json() == post(server, REQUESTS[0]).json()
 
 

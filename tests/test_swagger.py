@@ -36,3 +36,12 @@ def test_azmlinfsrv_serves_our_swagger(server: str, version: str):
     response = requests.get(f"{server}/swagger.json", params={"version": version}, timeout=10)
     assert response.status_code == 200
     assert response.json() == json.loads((ROOT / f"swagger{version}.json").read_text())
+
+
+def test_swagger_describes_every_openai_route_the_server_registers():
+    from mixtral_endpoint.openai_routes import ROUTES
+    from mixtral_endpoint.swagger import OPENAI_ROUTES
+
+    assert set(OPENAI_ROUTES) == {*ROUTES, "/v1/models", "/info"}
+    for version in VERSIONS:
+        assert set(OPENAI_ROUTES) <= set(build_swagger(version)["paths"])
