@@ -43,6 +43,8 @@ bench: install
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/batch.py
 	$(BIN)/python bench/engine.py --model tiny
+	$(BIN)/python bench/engines.py --model tiny
+	$(BIN)/python bench/engines.py --model medium
 
 # A bounded soak on loopback: two minutes of concurrent good, bad and huge requests (fails on errors or leaks).
 soak: install
