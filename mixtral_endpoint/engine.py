@@ -44,6 +44,10 @@ class Row:
     settings: SamplingSettings
     deadline: float | None = None  # time.monotonic() after which the row ends with "time_limit"
     sink: Sink | None = None
+    # Each token to the sink (streams and stop strings need them as they come), or only the end: a
+    # caller thread woken per token competes with the engine thread for the GIL (measured: batch
+    # scoring with 24 callers ran at 0.47x the throughput of waking them once per row).
+    each_token: bool = True
     on_end: Callable[[Row], None] | None = None  # the core's admission count, released once
     tokens: list[int] = field(default_factory=list)  # written by the engine thread only
     finish_reason: str | None = None  # stop | length | time_limit | cancelled | error
@@ -67,7 +71,7 @@ class Row:
         self.tokens.append(token)
         self.first_token_at = self.first_token_at or now
         self.peak_batch = max(self.peak_batch, batch)
-        if self.sink is not None:
+        if self.sink is not None and self.each_token:
             self.sink.put((self, token))
 
     def finish(self, reason: str) -> None:

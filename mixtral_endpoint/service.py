@@ -177,7 +177,8 @@ class Scorer:
                 ) -> tuple[list[Row], list[Detokenizer], queue.SimpleQueue]:
         deadline = time.monotonic() + self.config.request_timeout_s
         sink: queue.SimpleQueue = queue.SimpleQueue()  # every row of the request reports here
-        rows = [Row(p, request.settings, deadline, sink) for p in prompts]
+        rows = [Row(p, request.settings, deadline, sink, each_token=request.stream or bool(request.stop))
+                for p in prompts]
         texts = [Detokenizer(self.tokenizer.decode, eos_id=self.tokenizer.eos_id, stops=request.stop,
                              context=() if request.is_chat else p[-_CONTEXT_TOKENS:]) for p in prompts]
         self.admission.take(rows)
@@ -212,6 +213,9 @@ class Scorer:
                         raise InternalError("generation failed; the server log has the details")
                     if row.finish_reason == "cancelled":
                         raise ModelNotReady("the server is shutting down; retry shortly", retry_after=_RETRY_AFTER_S)
+                    if not row.each_token:
+                        for t in row.tokens:  # final: the engine is done with the row
+                            text.add(t)
                     text.flush()
                     open_rows.discard(id(row))
                 else:
