@@ -80,6 +80,7 @@ class Scorer:
         self.tokenizer = tokenizer
         self.config = config
         self.admission = Admission(config.max_batch_size + config.max_queue)
+        self._closed = False
         window = engine.context_window
         self.max_total_tokens = min(config.max_total_tokens, window) if config.max_total_tokens else window
 
@@ -93,7 +94,10 @@ class Scorer:
         return scorer
 
     def close(self) -> None:
-        self.engine.close()
+        """Closes the engine, once (a door's shutdown and interpreter exit may both ask)."""
+        if not self._closed:
+            self._closed = True
+            self.engine.close()
 
     def read_json(self, body: BinaryIO, *, declared_length: int | None = None) -> Any:
         """A request body as a door receives it: the size cap, then JSON. A body whose declared length

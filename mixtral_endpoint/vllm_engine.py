@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import os
 import threading
@@ -34,10 +35,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _FINISH_REASONS = {"stop": "stop", "length": "length"}  # vLLM's; "abort" never reaches a caller
+
 # vLLM keeps its parallel state (world, tensor and pipeline groups) per process: a second engine in
 # the same process, or one closed beside a live one, tears it down under the other (seen in the tests:
-# "pipeline model parallel group is not initialized"). One vLLM engine per process, as a server runs.
-_live = threading.Lock()
+# "pipeline model parallel group is not initialized"). So a process holds one vLLM engine, shared by
+# every load of the same model with the same settings (Spark loads the model once per UDF, in the
+# same worker), and closed by the last of them.
+_shared_lock = threading.Lock()
+_shared: dict[str, Any] = {}  # "key": the engine arguments, "engine", "users"
 
 
 class VllmEngine(EngineThread):
@@ -64,8 +69,6 @@ class VllmEngine(EngineThread):
         plan = plan_placement(checkpoint, config, rows=config.max_batch_size, tokens=tokens)
         if not plan.fits:
             raise DoesNotFit(f"{checkpoint.path}: {plan.verdict}")
-        if not _live.acquire(blocking=False):
-            raise ConfigError("a vLLM engine is already loaded in this process; vLLM runs one engine per process")
         gpus = torch.cuda.device_count()
         args: dict[str, Any] = {
             "model": str(checkpoint.path),
@@ -87,15 +90,29 @@ class VllmEngine(EngineThread):
         else:
             args["enforce_eager"] = True
             args["kv_cache_memory_bytes"] = plan.kv_bytes  # the sizing plan's cache for batch x context
-        log.info("loading %s with vLLM: %s", checkpoint.path, plan.verdict)
-        try:
+        # The same model: Spark and MLflow copy it to a new folder for each load, so compare what it holds.
+        key = json.dumps({**args, "model": [checkpoint.config, checkpoint.stored_bytes]}, sort_keys=True)
+        with _shared_lock:
+            if _shared:
+                if _shared["key"] != key:
+                    raise ConfigError("a vLLM engine with other settings is already loaded in this process; vLLM "
+                                      "runs one engine per process")
+                _shared["users"] += 1
+                return _shared["engine"]
+            log.info("loading %s with vLLM: %s", checkpoint.path, plan.verdict)
             engine = cls(lambda: _build_llm_engine(args), eos_id=int(checkpoint.config["eos_token_id"]),
                          context_window=checkpoint.context_window, vocab_size=int(checkpoint.config["vocab_size"]))
-        except BaseException:
-            _live.release()
-            raise
-        engine._holds_the_process = True
-        return engine
+            _shared.update(key=key, engine=engine, users=1)
+            return engine
+
+    def close(self) -> None:
+        with _shared_lock:
+            if _shared.get("engine") is self:
+                _shared["users"] -= 1
+                if _shared["users"] > 0:
+                    return
+                _shared.clear()
+        super().close()
 
     @property
     def row_counts(self) -> tuple[int, int]:
@@ -113,8 +130,6 @@ class VllmEngine(EngineThread):
 
     def _unload(self) -> None:
         self.__dict__.pop("llm", None)
-        if self.__dict__.pop("_holds_the_process", False):
-            _live.release()
 
     def _next(self) -> bool:
         """Hands newcomers to vLLM and aborts rows that ended early; False once closing."""

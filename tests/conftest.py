@@ -85,6 +85,12 @@ def mlflow_model(azureml_models: Path) -> Path:
     return azureml_models / "model"
 
 
+def live_server(azureml_models: Path, log: Path, engine: str) -> Iterator[str]:
+    """A real azmlinfsrv process serving score.py over the tiny model on a free loopback port."""
+    with LocalServer(azureml_models, log, {**SERVER_ENV, "MIXTRAL_ENGINE": engine}, threads=4) as server:
+        yield server.url
+
+
 @pytest.fixture(scope="session")
 def server_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("server") / "azmlinfsrv.log"
@@ -92,10 +98,8 @@ def server_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(azureml_models: Path, server_log: Path) -> Iterator[str]:
-    """A real azmlinfsrv process serving score.py over the tiny model on a free loopback port (our engine)."""
-    env = {**SERVER_ENV, "MIXTRAL_ENGINE": "transformers"}
-    with LocalServer(azureml_models, server_log, env, threads=4) as server:
-        yield server.url
+    """The live server on our engine."""
+    yield from live_server(azureml_models, server_log, "transformers")
 
 
 @pytest.fixture(scope="session")
@@ -105,10 +109,8 @@ def vllm_server_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def vllm_server(azureml_models: Path, vllm_server_log: Path) -> Iterator[str]:
-    """The same, on vLLM."""
-    env = {**SERVER_ENV, "MIXTRAL_ENGINE": "vllm"}
-    with LocalServer(azureml_models, vllm_server_log, env, threads=4) as server:
-        yield server.url
+    """The live server on vLLM."""
+    yield from live_server(azureml_models, vllm_server_log, "vllm")
 
 
 @pytest.fixture(scope="session", params=ENGINES)

@@ -96,3 +96,13 @@ def test_batch_deployment_fits_one_model_copy_per_node_and_never_fails_on_a_bad_
     assert batch["retry_settings"]["timeout"] > MIXTRAL_PARAMETERS * 2 / 200e6
     env = batch["environment_variables"]
     assert int(env["MIXTRAL_MAX_BATCH_SIZE"]) * 32768 * 131072 + MIXTRAL_PARAMETERS * 2 < 160e9 * 0.95
+
+
+def test_the_deployment_files_settings_start_a_server():
+    """Every MIXTRAL_ variable they set is one the server accepts; the online deployment names vLLM."""
+    from mixtral_endpoint.config import ServerConfig
+
+    for name in ("deployment.yml", "batch-deployment.yml"):
+        env = {k: str(v) for k, v in load(name)["environment_variables"].items()}
+        config = ServerConfig.from_env(env)
+        assert config.engine == ("vllm" if name == "deployment.yml" else "auto")

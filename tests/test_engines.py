@@ -143,3 +143,16 @@ def test_close_ends_rows_in_flight_and_stops_the_thread(checkpoint):
     engine.close()
     assert row.done.is_set() and row.finish_reason in ("cancelled", "length")
     assert not engine._thread.is_alive() and not hasattr(engine, "stepper")
+
+
+def test_loads_of_the_same_model_in_one_process_share_the_vllm_engine(vllm_scorer: Scorer, tiny_checkpoint: Path):
+    """vLLM's parallel state is per process: a second load (Spark loads the model once per UDF) shares the
+    engine, and the first scorer's engine keeps serving after the second closes."""
+    again = Scorer.load(tiny_checkpoint, vllm_scorer.config)
+    assert again.engine is vllm_scorer.engine
+    again.close()
+    request = text("Once upon a time", max_new_tokens=4)
+    assert vllm_scorer.score(request)[0]["usage"]["completion_tokens"] == 4
+    other = replace(vllm_scorer.config, max_batch_size=2, max_queue=4, max_prompts=2)
+    with pytest.raises(ConfigError, match="other settings"):
+        Scorer.load(tiny_checkpoint, other)
