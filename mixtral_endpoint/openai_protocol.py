@@ -27,9 +27,13 @@ Route = Literal["chat", "completions"]
 # ignore_eos) are "extra parameters", governed by the `extra-parameters` header.
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "n", "user",
            "logprobs", "frequency_penalty", "presence_penalty", "logit_bias"}
+# OpenAI chat fields that change nothing here (bookkeeping for OpenAI's own service).
+_IGNORED = {"store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier", "parallel_tool_calls"}
+# OpenAI chat fields for what Mixtral-8x7B cannot do: a 400 naming them when set.
+_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "modalities", "audio",
+                "prediction", "reasoning_effort", "web_search_options", "verbosity")
 OPENAI_FIELDS: dict[Route, frozenset[str]] = {
-    "chat": frozenset(_COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
-                                 "parallel_tool_calls", "response_format", "functions", "function_call"}),
+    "chat": frozenset(_COMMON | _IGNORED | {"messages", "max_completion_tokens", "top_logprobs", *_UNSUPPORTED}),
     "completions": frozenset(_COMMON | {"prompt", "echo", "best_of", "suffix"}),
 }
 # Our parameters as the OpenAI names them; those not among OPENAI_FIELDS are extras.
@@ -56,7 +60,7 @@ def parse(body: Any, route: Route, limits: RequestLimits, *, extra_parameters: s
     if mode not in EXTRA_MODES:
         raise InvalidRequest(f"the extra-parameters header must be one of {', '.join(EXTRA_MODES)}, got "
                              f"{_clip(extra_parameters or '')!r}", param="extra-parameters")
-    _refuse_what_mixtral_cannot_do(body, route)
+    _refuse_what_mixtral_cannot_do(body)
     parameters = _parameters(body, route, mode)
     items, names = (_messages(body) if route == "chat" else _prompts(body))
     payload = {"input_data": {"input_string": items}, "parameters": parameters}
@@ -78,12 +82,12 @@ def rename_param(param: str | None, route: Route, body: Any) -> str | None:
     return _rename(param, names, body if isinstance(body, dict) else {})
 
 
-def _refuse_what_mixtral_cannot_do(body: dict[str, Any], route: Route) -> None:
+def _refuse_what_mixtral_cannot_do(body: dict[str, Any]) -> None:
     # Mixtral-8x7B's v1 tokenizer has no tool calls, and this server returns one choice without logprobs.
-    for name in ("tools", "tool_choice", "functions", "function_call", "response_format", "suffix"):
-        if body.get(name) not in (None, [], {}):
-            raise InvalidRequest(f"{name} is not supported: Mixtral-8x7B's tokenizer (v1) has no tool calls or "
-                                 "structured output" if name != "suffix" else "suffix is not supported", param=name)
+    for name in (*_UNSUPPORTED, "suffix"):
+        if body.get(name) not in (None, [], {}, ["text"]):
+            raise InvalidRequest(f"{name} is not supported: Mixtral-8x7B reads and writes plain text, and its "
+                                 "tokenizer (v1) has no tool calls", param=name)
     for name, allowed in (("n", (None, 1)), ("best_of", (None, 1)), ("logprobs", (None, False, 0)),
                           ("top_logprobs", (None, 0)), ("echo", (None, False)), ("frequency_penalty", (None, 0)),
                           ("presence_penalty", (None, 0)), ("logit_bias", (None, {}))):

@@ -105,6 +105,7 @@ def test_langchain_chat_openai_gets_the_same_answer(server: str):
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"tool_choice": "auto"}, "tool_choice"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
     ({"n": 2}, "n"),
     ({"logprobs": True}, "logprobs"),
     ({"messages": [{"role": "user", "content": SECRET}, {"role": "user", "content": SECRET}]}, "messages[1].role"),
@@ -132,7 +133,9 @@ def test_the_extra_parameters_header_decides_for_ours(server: str):
     url = server + "/chat/completions?api-version=2024-05-01-preview"
     refused = requests.post(url, json=body, timeout=60)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "top_k"
-    dropped = requests.post(url, json={**body, "ignore_eos": True}, headers={"extra-parameters": "drop"}, timeout=60)
+    # OpenAI's own bookkeeping fields are not extras: accepted, and they change nothing.
+    dropped = requests.post(url, json={**body, "ignore_eos": True, "store": False, "metadata": {"a": "b"}},
+                            headers={"extra-parameters": "drop"}, timeout=60)
     passed = requests.post(url, json=body, headers={"extra-parameters": "pass-through"}, timeout=60)
     assert dropped.status_code == passed.status_code == 200
     unknown = requests.post(url, json={**body, "mirostat": 1}, headers={"extra-parameters": "pass-through"}, timeout=60)
