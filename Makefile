@@ -42,7 +42,6 @@ test: lint
 bench: install
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/batch.py
-	$(BIN)/python bench/engine.py --model tiny
 	$(BIN)/python bench/engines.py --model tiny
 	$(BIN)/python bench/engines.py --model medium
 
