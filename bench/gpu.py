@@ -70,7 +70,11 @@ def ours(kind: str, new_tokens: int, experts: str) -> dict[str, float]:
         model.set_experts_implementation(experts)
         return Stepper(model.eval(), eos_id=2, context_window=settings["max_position_embeddings"])
 
-    engine = TransformersEngine(build, max_batch=max(BATCHES))
+    return throughputs(TransformersEngine(build, max_batch=max(BATCHES)), new_tokens)
+
+
+def throughputs(engine: Engine, new_tokens: int) -> dict[str, float]:
+    """Tokens/s at each batch size; closes the engine."""
     results = {}
     for batch in BATCHES:
         run(engine, prompts(batch)[:1], 4)  # warm-up
@@ -126,12 +130,7 @@ def vllm_engine(kind: str, new_tokens: int) -> dict[str, float]:
         args = vllm_args(kind, Path(tmp))
         engine = VllmEngine(lambda: _build_llm_engine(args), eos_id=2, context_window=args["max_model_len"],
                             vocab_size=config(kind)["vocab_size"])
-    results = {}
-    for batch in BATCHES:
-        run(engine, prompts(batch)[:1], 4)  # warm-up
-        results[f"batch_{batch}"] = round(batch * new_tokens / run(engine, prompts(batch), new_tokens), 1)
-    engine.close()
-    return results
+    return throughputs(engine, new_tokens)
 
 
 PHASES = {"ours-grouped_mm": lambda a: ours(a.config, a.new_tokens, "grouped_mm"),
