@@ -78,8 +78,8 @@ class TransformersEngine(EngineThread):
                 try:
                     self._batch = self.stepper.step(self._batch)
                 except Exception as exc:
-                    _fail(self._batch.rows, exc)
-                    self._batch = None
+                    failed, self._batch = self._batch.rows, None
+                    _fail(failed, exc)
 
     def _prefill(self, batch: Batch | None, rows: list[Row]) -> Batch | None:
         """Adds `rows` to the batch; if their joint prefill fails, retries them one by one, so only

@@ -101,3 +101,31 @@ def test_a_failure_in_generation_is_a_500_for_that_request_only(scorer: Scorer, 
     assert caught.value.status == 500 and "CUDA" not in caught.value.message
     assert answers == [expected]  # the request generating alongside was not disturbed
     assert scorer.score({"input_data": {"input_string": ["trigger a fault"]}, "parameters": {"max_new_tokens": 3}})
+
+
+def test_a_failed_decode_step_fails_every_request_in_its_batch_and_the_next_ones_are_served(scorer: Scorer):
+    """Rows share one KV cache, so a decode step that fails leaves it in an unknown state: every row of
+    that batch gets a 500 (as the README says), and the engine goes on with the next requests."""
+    model = scorer.engine.stepper.model
+    forward = model.forward
+    steps = {"decode": 0}
+
+    def faulty(*args: object, input_ids: torch.Tensor, **kwargs: object) -> object:
+        if input_ids.shape[1] == 1:  # a decode step, not a prefill
+            steps["decode"] += 1
+            if steps["decode"] == 5:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return forward(*args, input_ids=input_ids, **kwargs)
+
+    request = {"input_data": {"input_string": ["Once upon a time", "The capital of France is"]},
+               "parameters": {"max_new_tokens": 40, "ignore_eos": True}}
+    model.forward = faulty
+    try:
+        with pytest.raises(InternalError) as caught:
+            scorer.score(request)
+    finally:
+        model.forward = forward
+    assert caught.value.status == 500 and "CUDA" not in caught.value.message
+    assert scorer.engine.row_counts == (0, 0)  # both rows left the engine
+    answer = scorer.score(request)
+    assert [row["usage"]["completion_tokens"] for row in answer] == [40, 40]
