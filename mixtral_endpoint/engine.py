@@ -101,7 +101,7 @@ class Engine(Protocol):
     eos_id: int
     on_death: Callable[[BaseException], None] | None  # called on the engine thread if it dies
 
-    def submit(self, rows: list[Row]) -> None:
+    def submit(self, rows: Sequence[Row]) -> None:
         """Starts generating for `rows`; they end through Row.finish or Row.fail, never silently."""
 
     def close(self) -> None:

@@ -47,10 +47,3 @@ class PromptTokenizer:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._sp.decode([t for t in token_ids if t != self.eos_id])
-
-    def decode_continuation(self, prompt_ids: Sequence[int], token_ids: Sequence[int]) -> str:
-        """The text `token_ids` add after `prompt_ids`, keeping the leading space SentencePiece drops."""
-        if not token_ids:
-            return ""
-        head = self.decode(prompt_ids[-8:])
-        return self.decode([*prompt_ids[-8:], *token_ids])[len(head):]

@@ -60,10 +60,3 @@ def test_text_prompt_starts_with_bos_and_round_trips(tokenizer: PromptTokenizer)
     ids = tokenizer.encode_text("Once upon a time")
     assert ids[0] == tokenizer.bos_id
     assert tokenizer.decode(ids) == "Once upon a time"
-
-
-def test_continuation_keeps_the_leading_space(tokenizer: PromptTokenizer):
-    prompt = tokenizer.encode_text("Once upon")
-    continuation = tokenizer.encode_text("Once upon a time")[len(prompt):]
-    assert tokenizer.decode_continuation(prompt, continuation) == " a time"
-    assert tokenizer.decode_continuation(prompt, []) == ""
