@@ -159,7 +159,8 @@ def test_routes_are_served_with_azmlinfsrvs_request_ids(server: str):
     assert requests.get(server + "/info", timeout=30).json()["model_name"] == MODEL_NAME
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+FINITE = st.floats(allow_nan=False, allow_infinity=False)  # JSON has no NaN or infinity
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | FINITE | st.text(max_size=8),
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
                     max_leaves=8)
 FIELDS = st.sampled_from(["messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p",
