@@ -21,6 +21,7 @@ from .checkpoint import Checkpoint
 from .engine import Row
 from .errors import DoesNotFit
 from .placement import Plan
+from .prepack import prepack
 from .sampler import choose_tokens, new_generator
 from .sampling import Generation, SamplingSettings
 
@@ -58,6 +59,8 @@ class Stepper:
             use_safetensors=True,
             trust_remote_code=False,
         )
+        if swapped := prepack(model):
+            log.info("%d linears and experts blocks prepacked for oneDNN (fp32 on CPU)", swapped)
         return cls(model, eos_id=int(checkpoint.config["eos_token_id"]),
                    context_window=checkpoint.context_window)
 

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import MixtralForCausalLM
 
 from mixtral_endpoint.checkpoint import Checkpoint, inspect_checkpoint
 from mixtral_endpoint.config import ServerConfig
@@ -65,6 +67,13 @@ def any_scorer(request: pytest.FixtureRequest) -> Scorer:
 @pytest.fixture(scope="session")
 def stepper(scorer: Scorer) -> Stepper:
     return scorer.engine.stepper
+
+
+@pytest.fixture(scope="session")
+def reference_model(tiny_checkpoint: Path) -> MixtralForCausalLM:
+    """transformers' own MixtralForCausalLM in fp32, with none of our engine's prepacked modules: what
+    `generate` comparisons are made against."""
+    return MixtralForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, MixtralForCausalLM
 
 from mixtral_endpoint.engine import Row
 from mixtral_endpoint.sampling import SamplingSettings
@@ -38,10 +38,11 @@ def eos_forced(stepper: Stepper) -> Iterator[Stepper]:
     handle.remove()
 
 
-def test_greedy_tokens_match_transformers_generate(stepper: Stepper, prompts: list[list[int]]):
+def test_greedy_tokens_match_transformers_generate(stepper: Stepper, reference_model: MixtralForCausalLM,
+                                                  prompts: list[list[int]]):
     for prompt in prompts:
         ids = torch.tensor([prompt])
-        direct = stepper.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=
+        direct = reference_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=
                                        GenerationConfig(max_new_tokens=24, do_sample=False, eos_token_id=2,
                                                         pad_token_id=2))
         expected = direct[0, len(prompt):].tolist()

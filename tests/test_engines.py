@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, MixtralForCausalLM
 
 from mixtral_endpoint.config import ServerConfig
 from mixtral_endpoint.engine import Row, choose_engine
 from mixtral_endpoint.errors import ConfigError, InternalError
 from mixtral_endpoint.sampling import SamplingSettings
 from mixtral_endpoint.service import Scorer
-from mixtral_endpoint.stepper import Stepper
 from mixtral_endpoint.transformers_engine import TransformersEngine
 from mixtral_endpoint.vllm_engine import VllmEngine, sampling_params
 
@@ -55,10 +54,10 @@ def test_each_rows_settings_become_its_sampling_params():
     assert sampled.ignore_eos and sampled.stop_token_ids == []
 
 
-def test_vllm_greedy_tokens_equal_transformers_generate(vllm_scorer: Scorer, stepper: Stepper):
+def test_vllm_greedy_tokens_equal_transformers_generate(vllm_scorer: Scorer, reference_model: MixtralForCausalLM):
     for prompt in TEXTS:
         ids = vllm_scorer.tokenizer.encode_text(prompt)
-        direct = stepper.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
+        direct = reference_model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
                                         generation_config=GenerationConfig(max_new_tokens=24, do_sample=False,
                                                                            eos_token_id=2, pad_token_id=2))
         (row,) = vllm_scorer.score(text(prompt, max_new_tokens=24))
