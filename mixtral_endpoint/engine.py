@@ -7,7 +7,7 @@ the caller cancelled at its next step. Engines know no text: stop strings, the b
 rendering stay in the core, so both engines answer the same API the same way.
 
 Two engines implement it: `TransformersEngine` (our continuous batching on transformers: the
-reference, and the faster one on CPU) and `VllmEngine` (vLLM, for GPUs).
+reference, and the CPU default) and `VllmEngine` (vLLM, for GPUs).
 """
 
 from __future__ import annotations
