@@ -3,24 +3,22 @@
 transformers' linears and experts call torch's default CPU GEMM, which reads a weight slowly when
 it is multiplied by the few rows of a decode step. Measured on the 2-core AMD EPYC the benchmarks
 run on: [8 x 512] @ [512 x 32768] read its weight at 1.9 GB/s, and at 8.3 GB/s once the weight was
-reordered into oneDNN's blocked layout, which is what vLLM's CPU build does to its linears. So a
-model that sits wholly on the CPU in float32 gets every nn.Linear and every experts block swapped
-for one that holds its weights packed that way (the plain copies are dropped: no extra memory), where that is faster.
+reordered into oneDNN's blocked layout, which is what vLLM's CPU build does to its linears. So in a
+model that sits wholly on the CPU in float32, each nn.Linear and experts block with large enough
+matrices is swapped for one that holds them packed that way; the plain copies are dropped, so it
+costs no memory.
 
 The swap happens once, after loading; outputs equal the plain modules' up to float rounding.
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-log = logging.getLogger(__name__)
-
-PACK_ROWS = 32  # oneDNN picks its blocking for this many input rows; measured best from 1 to 64 rows
+PACK_ROWS = 32  # oneDNN blocks for this many input rows: one layout serves every batch size, and 32
+# was the best single choice measured from 1 to 64 rows
 # A packed call costs about 50 us before any work, the plain GEMM about 15 us: below about 1 MiB of
 # fp32 weights (the embedded model's experts, say) the plain one is faster, so it stays.
 MIN_PACKED = 2**18  # weight elements, of one matrix
@@ -34,8 +32,8 @@ def prepack(model: nn.Module) -> int:
             p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters()):
         return 0
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if isinstance(child, nn.Linear) and child.weight.numel() >= MIN_PACKED
-             or isinstance(child, MixtralExperts) and child.gate_up_proj[0].numel() >= MIN_PACKED]
+             if (isinstance(child, nn.Linear) and child.weight.numel() >= MIN_PACKED)
+             or (isinstance(child, MixtralExperts) and child.gate_up_proj[0].numel() >= MIN_PACKED)]
     # One module at a time, so that the plain copy is dropped before the next one is packed.
     for parent, name, child in swaps:
         setattr(parent, name, PackedLinear(child) if isinstance(child, nn.Linear) else PackedExperts(child))
