@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-PACK_ROWS = 32  # oneDNN blocks for this many input rows: one layout serves every batch size, and 32
-# was the best single choice measured from 1 to 64 rows
+# oneDNN blocks a packed weight for this many input rows; one layout serves every batch size, and 32
+# was the best single choice measured from 1 to 64 rows.
+PACK_ROWS = 32
 # A packed call costs about 50 us before any work, the plain GEMM about 15 us: below about 1 MiB of
 # fp32 weights (the embedded model's experts, say) the plain one is faster, so it stays.
 MIN_PACKED = 2**18  # weight elements, of one matrix
