@@ -76,10 +76,10 @@ class PackedExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                 ) -> torch.Tensor:
         # hidden_states: [tokens, hidden]; top_k_index, top_k_weights: [tokens, k]
-        k = top_k_index.shape[-1]
-        order = torch.argsort(top_k_index.reshape(-1), stable=True)  # (token, choice) pairs grouped by expert
-        tokens = order // k
-        counts = torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts).tolist()
+        chosen = top_k_index.reshape(-1)  # [pairs]: the expert of each (token, choice) pair
+        order = torch.argsort(chosen, stable=True)  # the pairs grouped by expert
+        tokens = order // top_k_index.shape[-1]
+        counts = torch.bincount(chosen, minlength=self.num_experts).tolist()
         grouped = hidden_states[tokens]  # [pairs, hidden]
         outputs, start = [], 0
         for expert, count in enumerate(counts):
