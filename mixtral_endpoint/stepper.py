@@ -60,7 +60,7 @@ class Stepper:
             trust_remote_code=False,
         )
         if swapped := prepack(model):
-            log.info("%d linears and experts blocks prepacked for oneDNN (fp32 on CPU)", swapped)
+            log.info("%d linears and experts blocks prepacked (fp32 on CPU)", swapped)
         return cls(model, eos_id=int(checkpoint.config["eos_token_id"]),
                    context_window=checkpoint.context_window)
 

@@ -1,4 +1,8 @@
-"""Prepacked oneDNN weights on CPU: the same model, the same outputs, only large fp32 matrices swapped."""
+"""Prepacked weights on CPU: the same model, the same outputs, only fp32 matrices swapped.
+
+Experts blocks are run two ways, both checked: by vLLM's fused MoE kernel (installed with the test
+environment, so its absence fails here) and, as where vLLM's CPU build is not installed, by oneDNN.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import torch
 from transformers import GenerationConfig, MixtralConfig, MixtralForCausalLM
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-from mixtral_endpoint.prepack import PackedExperts, PackedLinear, prepack
+from mixtral_endpoint.prepack import FusedExperts, PackedExperts, PackedLinear, fused_moe_kernel, prepack
 from mixtral_endpoint.tiny import tiny_config
 
 # Wide enough that lm_head, q_proj, o_proj and the experts are over prepack's size floor; k_proj and v_proj
@@ -28,18 +32,29 @@ def wide() -> MixtralForCausalLM:
     return model
 
 
-@pytest.fixture(scope="module")
-def packed(wide: MixtralForCausalLM) -> MixtralForCausalLM:
+@pytest.fixture(scope="module", params=[True, False], ids=["fused", "onednn"])
+def packed(request: pytest.FixtureRequest, wide: MixtralForCausalLM) -> MixtralForCausalLM:
     model = copy.deepcopy(wide)
-    assert prepack(model) == 4
+    assert prepack(model, fused_moe=request.param) == 4
     return model
+
+
+def test_vllms_fused_moe_kernel_is_installed():
+    assert fused_moe_kernel() is not None
 
 
 def test_the_large_linears_and_experts_blocks_are_swapped(packed: MixtralForCausalLM):
     attention, mlp = packed.model.layers[0].self_attn, packed.model.layers[0].mlp
     assert all(isinstance(m, PackedLinear) for m in (packed.lm_head, attention.q_proj, attention.o_proj))
-    assert isinstance(mlp.experts, PackedExperts)
+    assert isinstance(mlp.experts, (FusedExperts, PackedExperts))
     assert isinstance(attention.k_proj, torch.nn.Linear) and isinstance(attention.v_proj, torch.nn.Linear)
+
+
+def test_experts_blocks_take_the_fused_kernel_unless_told_not_to(wide: MixtralForCausalLM):
+    fused, onednn = copy.deepcopy(wide), copy.deepcopy(wide)
+    prepack(fused), prepack(onednn, fused_moe=False)
+    assert isinstance(fused.model.layers[0].mlp.experts, FusedExperts)
+    assert isinstance(onednn.model.layers[0].mlp.experts, PackedExperts)
 
 
 def test_prepacked_logits_equal_the_plain_models(wide: MixtralForCausalLM, packed: MixtralForCausalLM):
@@ -56,12 +71,15 @@ def test_prepacked_greedy_tokens_equal_the_plain_models(wide: MixtralForCausalLM
         assert packed.generate(input_ids=PROMPTS, attention_mask=mask, generation_config=config).equal(expected)
 
 
-def test_the_embedded_models_small_matrices_stay_plain():
-    """Under prepack's floor a packed call's fixed cost outweighs its faster reads: only lm_head is swapped."""
+def test_the_embedded_models_small_linears_stay_plain():
+    """Under prepack's floor a oneDNN call's fixed cost outweighs its faster reads: of the linears only
+    lm_head is swapped; the experts blocks take the fused kernel, whose calls cost little at any size."""
     torch.manual_seed(0)
-    model = MixtralForCausalLM(tiny_config())
-    assert prepack(model) == 1 and isinstance(model.lm_head, PackedLinear)
-    assert isinstance(model.model.layers[0].mlp.experts, MixtralExperts)
+    model, onednn = MixtralForCausalLM(tiny_config()), MixtralForCausalLM(tiny_config())
+    assert prepack(model) == 3 and isinstance(model.lm_head, PackedLinear)
+    assert isinstance(model.model.layers[0].mlp.experts, FusedExperts)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    assert prepack(onednn, fused_moe=False) == 1 and isinstance(onednn.model.layers[0].mlp.experts, MixtralExperts)
 
 
 def test_models_not_wholly_fp32_on_cpu_are_left_alone():
