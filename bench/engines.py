@@ -107,7 +107,6 @@ def server_crowd(model_dir: Path, engine: str, prompts: list[str], n: int, log: 
            "MIXTRAL_MAX_QUEUE": str(2 * len(prompts)), "MIXTRAL_MAX_TOTAL_TOKENS": "2048"}
     with LocalServer(model_dir, log, env, threads=3 * len(prompts)) as server, \
             ThreadPoolExecutor(len(prompts)) as pool:
-        post(server.url, prompts[0], 4)  # warm-up
         yield lambda: list(pool.map(lambda p: post(server.url, p, n), prompts))
 
 
@@ -140,7 +139,7 @@ def predict_vs_generate(model_dir: Path, checkpoint: Path, ids: list[list[int]],
 
 
 def raw_vllm(checkpoint: Path, ids: list[list[int]], n: int) -> Run:
-    """vLLM's `LLM`, warmed up; each run, one `generate` of every prompt's ids."""
+    """vLLM's `LLM`; each run, one `generate` of every prompt's ids."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=str(checkpoint), skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
@@ -148,7 +147,6 @@ def raw_vllm(checkpoint: Path, ids: list[list[int]], n: int) -> Run:
               kv_cache_memory_bytes=256 * 2**20)
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
     prompts = [{"prompt_token_ids": p} for p in ids]
-    llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, detokenize=False), use_tqdm=False)
     return lambda: [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
@@ -177,7 +175,7 @@ def raw_vllm_default(checkpoint: Path, ids: list[list[int]], n: int) -> Iterator
         return answer()
 
     try:
-        answer()  # ready: loaded and warmed up
+        answer()  # ready: loaded
         yield run
     finally:
         child.stdin.close()

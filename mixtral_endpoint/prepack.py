@@ -20,7 +20,6 @@ The swap happens once, after loading; outputs equal the plain modules' up to flo
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -46,14 +45,14 @@ def prepack(model: nn.Module, *, fused_moe: bool = True) -> int:
     if not torch.backends.mkldnn.is_available() or not all(
             p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters()):
         return 0
-    kernel = fused_moe_kernel() if fused_moe else None
+    fused = fused_moe and fused_moe_available()
 
     def swap(module: nn.Module) -> nn.Module | None:
         if isinstance(module, nn.Linear) and module.weight.numel() >= MIN_PACKED:
             return PackedLinear(module)
         if isinstance(module, MixtralExperts):
-            if kernel is not None and FusedExperts.fits(module):
-                return FusedExperts(module, kernel)
+            if fused and FusedExperts.fits(module):
+                return FusedExperts(module)
             if module.gate_up_proj[0].numel() >= MIN_PACKED:
                 return PackedExperts(module)
         return None
@@ -68,15 +67,15 @@ def prepack(model: nn.Module, *, fused_moe: bool = True) -> int:
     return swapped
 
 
-def fused_moe_kernel() -> Callable[..., None] | None:
-    """vLLM's CPU fused MoE kernel, or None where vLLM's CPU build is not installed."""
+def fused_moe_available() -> bool:
+    """Whether vLLM's CPU fused MoE kernel is there: vLLM's CPU build installed (not its GPU build)."""
     try:
         import vllm._C  # noqa: F401  (registers vLLM's CPU kernels as torch.ops._C)
 
-        return torch.ops._C.cpu_fused_moe
-    except (ImportError, OSError, AttributeError, RuntimeError) as e:  # absent, or vLLM's GPU build
+        return hasattr(torch.ops._C, "cpu_fused_moe")
+    except (ImportError, OSError, RuntimeError) as e:
         log.info("vLLM's CPU fused MoE kernel is not available (%s): experts blocks take oneDNN", e)
-        return None
+        return False
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -132,9 +131,8 @@ class PackedExperts(nn.Module):
 class FusedExperts(nn.Module):
     """MixtralExperts' forward as one call of vLLM's CPU fused MoE kernel, from weights it prepacked."""
 
-    def __init__(self, experts: MixtralExperts, kernel: Callable[..., None]) -> None:
+    def __init__(self, experts: MixtralExperts) -> None:
         super().__init__()
-        self.kernel = kernel
         self.gate_up = _pack_experts(experts.gate_up_proj)  # [experts, 2 * intermediate, hidden]
         self.down = _pack_experts(experts.down_proj)  # [experts, hidden, intermediate]
 
@@ -148,7 +146,7 @@ class FusedExperts(nn.Module):
         # hidden_states: [tokens, hidden]; top_k_index, top_k_weights: [tokens, k]
         out = torch.empty_like(hidden_states)
         # (out, input, w13, w2, w13 bias, w2 bias, weights, ids, skip weighting, activation, instruction set)
-        self.kernel(out, hidden_states.contiguous(), self.gate_up, self.down, None, None,
+        torch.ops._C.cpu_fused_moe(out, hidden_states.contiguous(), self.gate_up, self.down, None, None,
                     top_k_weights.to(hidden_states.dtype), top_k_index.to(torch.int32), False, "silu", "vec")
         return out
 
