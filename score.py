@@ -21,6 +21,9 @@ from mixtral_endpoint.service import Scorer
 
 log = logging.getLogger("mixtral_endpoint.score")
 scorer: Scorer | None = None
+# The worker's exit status when its engine dies. gunicorn halts the whole server on 3 (WORKER_BOOT_ERROR)
+# and 4 (APP_LOAD_ERROR), and answers any other status with a fresh worker, which runs init() again.
+ENGINE_DIED = 70  # EX_SOFTWARE
 
 
 def init() -> None:
@@ -38,8 +41,9 @@ def init() -> None:
 
 
 def _exit_worker(error: BaseException) -> None:
-    log.critical("the engine died (%s); this worker exits so that the server starts a fresh one", error)
-    threading.Timer(1.0, os._exit, args=(3,)).start()  # a moment for the in-flight 500s to go out
+    log.critical("the engine died (%s); this worker exits with status %d so that gunicorn starts a fresh one",
+                 error, ENGINE_DIED)
+    threading.Timer(1.0, os._exit, args=(ENGINE_DIED,)).start()  # a moment for the in-flight 500s to go out
 
 
 @rawhttp

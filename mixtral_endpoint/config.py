@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import NoReturn
 
 from .errors import ConfigError
 from .protocol import RequestLimits
@@ -43,21 +45,25 @@ class ServerConfig:
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"{PREFIX}{name.upper()} must be one of {', '.join(allowed)}; "
-                                 f"got {getattr(self, name)!r}")
+                _refuse(f"{_var(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         for name in ("max_new_tokens", "max_prompts", "max_body_bytes", "max_batch_size", "max_queue"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
-        if self.default_max_new_tokens < 0:
-            raise ValueError(f"{PREFIX}DEFAULT_MAX_NEW_TOKENS must be >= 0, got {self.default_max_new_tokens}")
-        if self.request_timeout_s <= 0:
-            raise ValueError(f"{PREFIX}REQUEST_TIMEOUT_S must be > 0, got {self.request_timeout_s}")
+                _refuse(f"{_var(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("default_max_new_tokens", "max_total_tokens"):
+            if getattr(self, name) < 0:
+                _refuse(f"{_var(name)} must be >= 0, got {getattr(self, name)}")
+        if not (0 < self.request_timeout_s < math.inf):  # also refuses nan, which every comparison fails
+            _refuse(f"{_var('request_timeout_s')} must be a finite number > 0, got {self.request_timeout_s}")
         if self.max_prompts > self.max_queue:
-            raise ValueError(f"{PREFIX}MAX_PROMPTS ({self.max_prompts}) is above {PREFIX}MAX_QUEUE ({self.max_queue}): "
-                             "such a request could never be queued")
+            _refuse(f"{_var('max_prompts')} ({self.max_prompts}) is above {_var('max_queue')} ({self.max_queue}): "
+                    "such a request could never be queued")
         if self.default_max_new_tokens > self.max_new_tokens:
-            raise ValueError(f"{PREFIX}DEFAULT_MAX_NEW_TOKENS ({self.default_max_new_tokens}) is above "
-                             f"{PREFIX}MAX_NEW_TOKENS ({self.max_new_tokens})")
+            _refuse(f"{_var('default_max_new_tokens')} ({self.default_max_new_tokens}) is above "
+                    f"{_var('max_new_tokens')} ({self.max_new_tokens})")
+        default = self.limits.default_max_new_tokens
+        if self.max_total_tokens and default >= self.max_total_tokens:
+            _refuse(f"{_var('max_total_tokens')} ({self.max_total_tokens}) leaves no room for a prompt beside the "
+                    f"default max_new_tokens ({default}): lower {_var('default_max_new_tokens')}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ServerConfig:
@@ -71,7 +77,7 @@ class ServerConfig:
             try:
                 values[f.name] = _parse_bool(raw) if kind is bool else kind(raw)
             except ValueError:
-                raise ValueError(f"{PREFIX}{f.name.upper()} must be a {kind.__name__}, got {raw!r}") from None
+                _refuse(f"{_var(f.name)} must be a {kind.__name__}, got {raw!r}")
         return cls(**values)
 
     @property
@@ -80,6 +86,14 @@ class ServerConfig:
         default = self.default_max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, self.max_new_tokens)
         return RequestLimits(max_new_tokens=self.max_new_tokens, default_max_new_tokens=default,
                              max_prompts=self.max_prompts)
+
+
+def _var(name: str) -> str:
+    return PREFIX + name.upper()
+
+
+def _refuse(message: str) -> NoReturn:
+    raise ConfigError(message) from None
 
 
 def _parse_bool(raw: str) -> bool:

@@ -1,4 +1,4 @@
-"""The one interface between the core and whatever generates, and the choice of engine.
+"""The one interface between the core and whatever generates, and what both engines share.
 
 An engine takes rows (a prompt's token ids, frozen SamplingSettings, a deadline) and generates
 for them concurrently. A Row is also the caller's handle: the engine sends each new token id to
@@ -7,28 +7,26 @@ the caller cancelled at its next step. Engines know no text: stop strings, the b
 rendering stay in the core, so both engines answer the same API the same way.
 
 Two engines implement it: `TransformersEngine` (our continuous batching on transformers: the
-reference, and the CPU default) and `VllmEngine` (vLLM, for GPUs).
+reference, and the CPU default) and `VllmEngine` (vLLM, for GPUs); `engines.py` chooses one.
+
+An engine that dies (an error out of its loop, or a fault that persists) fails every row in flight
+and calls `on_death`; it never serves again. What to do about it (end the worker) is the door's.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
-import importlib.util
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from .errors import ConfigError, InternalError
+from .errors import ModelNotReady
 from .sampling import Generation, SamplingSettings
-
-if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
-    from .config import ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +93,42 @@ class Row:
         return Generation(tuple(self.tokens), self.finish_reason)
 
 
+# Retry-After for a request that reaches an engine that has died: a fresh worker loads the model
+# (seconds for the embedded model, a few minutes for Mixtral-8x7B).
+RETRY_AFTER_DEATH_S = 30
+# Errors after which a device serves nothing more until the process ends.
+_DEVICE_LOST = ("illegal memory access", "device-side assert", "unspecified launch failure", "ECC error",
+                "device lost", "CUDA error: misaligned address")
+
+
 class Engine(Protocol):
     name: str
     context_window: int
     eos_id: int
     on_death: Callable[[BaseException], None] | None  # called on the engine thread if it dies
 
+    @property
+    def dead(self) -> BaseException | None:
+        """What killed the engine, or None while it serves."""
+
+    @property
+    def row_counts(self) -> tuple[int, int]:
+        """(rows generating, rows waiting for a place)."""
+
     def submit(self, rows: Sequence[Row]) -> None:
-        """Starts generating for `rows`; they end through Row.finish or Row.fail, never silently."""
+        """Starts generating for `rows`; they end through Row.finish or Row.fail, never silently.
+        Raises ModelNotReady once the engine has died or is closing."""
 
     def close(self) -> None:
         """Ends every row still in flight (cancelled), stops the engine thread and frees the model."""
+
+
+def device_lost(error: BaseException) -> bool:
+    """An error after which the device runs nothing more in this process (CUDA's "illegal memory
+    access" poisons the context until the process ends): the engine's death, not one batch's."""
+    import torch
+
+    return isinstance(error, torch.AcceleratorError) or any(m in str(error) for m in _DEVICE_LOST)
 
 
 class EngineThread:
@@ -114,6 +137,7 @@ class EngineThread:
     inbox of submitted rows, a clean close, and a death that fails every row and calls `on_death`."""
 
     name: str
+    close_timeout_s = 60.0  # a step longer than this is stuck: close leaves the model to the thread
 
     def __init__(self, load: Callable[[], None], *, thread_name: str) -> None:
         """Starts the thread, which calls `load`; returns once it has (raising what it raised)."""
@@ -130,10 +154,17 @@ class EngineThread:
         if self._load_error is not None:
             raise self._load_error
 
+    @property
+    def dead(self) -> BaseException | None:
+        return self._dead
+
     def submit(self, rows: Sequence[Row]) -> None:
         with self._wake:
-            if self._dead is not None or self._closing:
-                raise InternalError("the engine has stopped; the server log has the details")
+            if self._dead is not None:
+                raise ModelNotReady("the engine failed and this worker is being replaced; retry shortly",
+                                    retry_after=RETRY_AFTER_DEATH_S)
+            if self._closing:
+                raise ModelNotReady("the server is shutting down; retry shortly", retry_after=2)
             now = time.monotonic()
             for row in rows:
                 row.submitted_at = now
@@ -145,8 +176,11 @@ class EngineThread:
             self._closing = True
             self._wake.notify()
         if self._thread is not threading.current_thread():
-            self._thread.join(timeout=60)
-        self._unload()
+            self._thread.join(timeout=self.close_timeout_s)
+            if self._thread.is_alive():
+                # Its step still runs: the thread frees the model once that step ends, not before.
+                log.error("the %s engine did not stop within %.0f s; it frees its model when its step ends",
+                          self.name, self.close_timeout_s)
 
     def _loop(self) -> None:
         """Runs until `_closing`; an exception out of it is the engine's death."""
@@ -176,8 +210,10 @@ class EngineThread:
             self._end_all(functools.partial(Row.fail, error=exc))
             if self.on_death is not None:
                 self.on_death(exc)
-            return
-        self._end_all(functools.partial(Row.finish, reason="cancelled"))
+        else:
+            self._end_all(functools.partial(Row.finish, reason="cancelled"))
+        finally:
+            self._unload()  # on this thread, once no step can run: nothing frees the model under one
 
     def _end_all(self, end: Callable[[Row], None]) -> None:
         with self._wake:
@@ -185,40 +221,3 @@ class EngineThread:
             self._inbox.clear()
         for row in rows:
             end(row)
-
-
-@dataclass(frozen=True)
-class EngineChoice:
-    name: str  # transformers | vllm
-    why: str
-
-
-def choose_engine(wanted: str, *, gpus: int, vllm_installed: bool) -> EngineChoice:
-    """`auto` takes vLLM where it can serve (a GPU and vLLM installed); asking for vLLM where it
-    cannot run is an error, never a silent fallback."""
-    if wanted == "transformers":
-        return EngineChoice("transformers", "MIXTRAL_ENGINE=transformers")
-    if wanted == "vllm":
-        if not vllm_installed:
-            raise ConfigError("MIXTRAL_ENGINE=vllm, but vLLM is not installed in this environment")
-        return EngineChoice("vllm", "MIXTRAL_ENGINE=vllm")
-    if gpus and vllm_installed:
-        return EngineChoice("vllm", f"MIXTRAL_ENGINE=auto: {gpus} GPU(s) visible and vLLM installed")
-    reason = "no GPU visible" if not gpus else "vLLM is not installed"
-    return EngineChoice("transformers", f"MIXTRAL_ENGINE=auto: {reason}")
-
-
-def load_engine(checkpoint: Checkpoint, config: ServerConfig) -> Engine:
-    """Loads the engine the config asks for; the log names it and why."""
-    import torch
-
-    choice = choose_engine(config.engine, gpus=torch.cuda.device_count(),
-                           vllm_installed=importlib.util.find_spec("vllm") is not None)
-    log.info("engine: %s (%s)", choice.name, choice.why)
-    if choice.name == "vllm":
-        from .vllm_engine import VllmEngine
-
-        return VllmEngine.load(checkpoint, config)
-    from .transformers_engine import TransformersEngine
-
-    return TransformersEngine.load(checkpoint, config)

@@ -58,10 +58,10 @@ def _completion(route: openai.Route, scorer: Scorer | None) -> flask.Response:
 
 
 def _events(parsed: openai.OpenAIRequest, events: Iterator[str | Completion], request_id: str) -> Iterator[str]:
-    if parsed.route == "chat":
-        yield openai.render_chunk(parsed, request_id, first=True)
     try:
-        with contextlib.closing(events):  # a caller that goes away cancels its row
+        with contextlib.closing(events):  # a caller that goes away, even before the first chunk, cancels its row
+            if parsed.route == "chat":
+                yield openai.render_chunk(parsed, request_id, first=True)
             for item in events:
                 if isinstance(item, str):
                     if item:

@@ -7,14 +7,14 @@ the bounded queue (429), deadlines, stop strings and rendering.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -22,7 +22,8 @@ from typing import Any, BinaryIO
 from .checkpoint import inspect_checkpoint
 from .config import ServerConfig
 from .detokenizer import Detokenizer
-from .engine import Engine, Row, load_engine
+from .engine import Engine, Row
+from .engines import load_engine
 from .errors import (
     ContextLengthExceeded,
     InternalError,
@@ -74,13 +75,32 @@ class Admission:
             self.in_flight -= 1
 
 
+class Stream(Iterator[str | Completion]):
+    """A stream's new text, then its Completion. Closing it cancels its row, even before the first
+    piece was asked for (a generator closed before it started would run none of its clean-up)."""
+
+    def __init__(self, pieces: Generator[str | Completion, None, None], row: Row) -> None:
+        self._pieces = pieces
+        self.row = row
+
+    def __next__(self) -> str | Completion:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self.row.cancel()
+        self._pieces.close()
+
+
 class Scorer:
     def __init__(self, engine: Engine, tokenizer: PromptTokenizer, config: ServerConfig) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.config = config
         self.admission = Admission(config.max_batch_size + config.max_queue)
-        self._closed = False
+        # Closes the engine once: on close(), when the scorer is collected (a notebook or MLflow
+        # loading the model again frees the last copy) or at interpreter exit, before torch is torn
+        # down under the engine thread. It holds the engine, never the scorer.
+        self._close = weakref.finalize(self, engine.close)
         window = engine.context_window
         self.max_total_tokens = min(config.max_total_tokens, window) if config.max_total_tokens else window
 
@@ -88,16 +108,11 @@ class Scorer:
     def load(cls, checkpoint_dir: Path, config: ServerConfig) -> Scorer:
         checkpoint = inspect_checkpoint(checkpoint_dir)
         tokenizer = PromptTokenizer(checkpoint_dir / "tokenizer.model")
-        scorer = cls(load_engine(checkpoint, config), tokenizer, config)
-        # Stop the engine thread before the interpreter tears down torch under it.
-        atexit.register(scorer.close)
-        return scorer
+        return cls(load_engine(checkpoint, config), tokenizer, config)
 
     def close(self) -> None:
         """Closes the engine, once (a door's shutdown and interpreter exit may both ask)."""
-        if not self._closed:
-            self._closed = True
-            self.engine.close()
+        self._close()
 
     def read_json(self, body: BinaryIO, *, declared_length: int | None = None) -> Any:
         """A request body as a door receives it: the size cap, then JSON. A body whose declared length
@@ -132,7 +147,7 @@ class Scorer:
         self._log(request_id, request, rows, completions)
         return completions
 
-    def stream(self, request: ScoringRequest, request_id: str) -> Iterator[str | Completion]:
+    def stream(self, request: ScoringRequest, request_id: str) -> Stream:
         """New text as it is generated, then the Completion; a failure midway raises a ScoringError.
 
         Validation and admission happen before this returns, so a stream never starts with an error.
@@ -140,7 +155,7 @@ class Scorer:
         assert request.prompts is None or len(request.prompts) == 1, "a stream has one prompt"
         prompts = self._encode(request)
         rows, texts, sink = self._submit(request, prompts)
-        return self._stream(request_id, request, rows[0], texts[0], sink)
+        return Stream(self._stream(request_id, request, rows[0], texts[0], sink), rows[0])
 
     def score_all(self, payloads: Sequence[Any]) -> list[Body]:
         """Scores every payload at once, so the engine batches them, and waits for all (MLflow

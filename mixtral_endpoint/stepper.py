@@ -72,6 +72,10 @@ class Stepper:
             batch = self.step(batch)
         return [row.generation for row in rows]
 
+    def probe(self) -> None:
+        """One pass over a one-token prompt: raises if the model cannot run at all."""
+        self.prefill([Row([self.eos_id], SamplingSettings(max_new_tokens=1))])
+
     @torch.inference_mode()
     def prefill(self, rows: Sequence[Row]) -> Batch | None:
         """Runs the prompts of new rows and picks their first tokens; returns the rows still going."""

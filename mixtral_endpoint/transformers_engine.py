@@ -6,8 +6,10 @@ instead of letting the batch drain first. Each admission costs a prefill pass, s
 in groups: once half the batch is free, or once the oldest has waited `admit_after_s`.
 
 Failures: a failed prefill is retried row by row, so only the row that fails is failed; a failed
-decode step fails every row of the batch (their shared KV cache is then in an unknown state). An
-error outside those, or a dead thread, fails every row in flight and calls `on_death`.
+decode step, or a failed join of newcomers to the batch, fails every row of the batch (their shared
+KV cache is then in an unknown state). After any failed pass the model runs a one-token probe: if
+that fails too, or the error says the device is lost, the fault persists and the engine dies. Its
+death (that, or any error outside a pass) fails every row in flight and calls `on_death`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from .engine import EngineThread, Row
+from .engine import EngineThread, Row, device_lost
 from .placement import plan_placement
 from .stepper import Batch, Stepper
 
@@ -28,6 +30,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class EngineFault(RuntimeError):
+    """A fault that outlives the pass it broke: the model cannot run anything more."""
+
+
 class TransformersEngine(EngineThread):
     name = "transformers"
 
@@ -35,6 +41,7 @@ class TransformersEngine(EngineThread):
         self.max_batch = max_batch
         self.admit_after_s = admit_after_s
         self._batch: Batch | None = None
+        self._joining: list[Row] = []  # admitted, not yet in the batch
 
         def load_stepper() -> None:
             self.stepper = load()
@@ -63,7 +70,8 @@ class TransformersEngine(EngineThread):
         return (len(batch.rows) if batch else 0), len(self._inbox)
 
     def _drop_in_flight(self) -> list[Row]:
-        rows, self._batch = (self._batch.rows if self._batch else []), None
+        rows = [*(self._batch.rows if self._batch else []), *self._joining]
+        self._batch, self._joining = None, []
         return rows
 
     def _unload(self) -> None:
@@ -71,46 +79,76 @@ class TransformersEngine(EngineThread):
 
     def _loop(self) -> None:
         while not self._closing:
-            admitted = self._admit()
-            if admitted:
-                self._batch = self._prefill(self._batch, admitted)
+            self._joining = self._admit()
+            if self._joining:
+                self._batch = self._prefill(self._batch, self._joining)
+                self._joining = []
             if self._batch is not None:
                 try:
                     self._batch = self.stepper.step(self._batch)
                 except Exception as exc:
                     failed, self._batch = self._batch.rows, None
-                    _fail(failed, exc)
+                    self._failed(failed, exc)
 
     def _prefill(self, batch: Batch | None, rows: list[Row]) -> Batch | None:
         """Adds `rows` to the batch; if their joint prefill fails, retries them one by one, so only
         the row that fails is failed."""
         try:
-            return self.stepper.join(batch, self.stepper.prefill(rows))
+            new = self.stepper.prefill(rows)
         except Exception as exc:
             if len(rows) == 1:
-                _fail(rows, exc)
+                self._failed(rows, exc)
                 return batch
+            # A row whose caller has seen a first token is never prefilled again.
+            if shown := [row for row in rows if row.tokens]:
+                self._failed(shown, exc)
+            for row in rows:
+                if not row.tokens:
+                    batch = self._prefill(batch, [row])
+            return batch
+        try:
+            return self.stepper.join(batch, new)
+        except Exception as exc:
+            # The running batch's cache may be half extended: neither batch can go on.
+            self._failed([*(batch.rows if batch else []), *(new.rows if new else [])], exc)
+            return None
+
+    def _failed(self, rows: Sequence[Row], error: Exception) -> None:
+        """Fails the rows of a pass that raised; raises EngineFault if the fault persists."""
+        log.error("generation failed for %d rows", len(rows), exc_info=error)
         for row in rows:
-            batch = self._prefill(batch, [row])
-        return batch
+            row.fail(error)
+        if device_lost(error):
+            raise EngineFault("the device is lost") from error
+        try:
+            self.stepper.probe()
+        except Exception as probe_error:
+            raise EngineFault("a one-token probe fails too: the model cannot run") from probe_error
 
     def _admit(self) -> list[Row]:
         batch = self._batch
         with self._wake:
             while batch is None and not self._inbox and not self._closing:
                 self._wake.wait()
+            self._drop_ended(time.monotonic())  # rows waiting behind a full batch can end too
             room = self.max_batch - (len(batch.rows) if batch else 0)
             if self._closing or (batch is not None and not self._worth_a_prefill(room)):
                 return []
             admitted = []
-            now = time.monotonic()
             while self._inbox and len(admitted) < room:
-                row = self._inbox.popleft()
+                admitted.append(self._inbox.popleft())
+            return admitted
+
+    def _drop_ended(self, now: float) -> None:
+        """Ends the waiting rows that were cancelled or ran out of time, so they give their places back."""
+        if any(row.cancelled or row.expired(now) for row in self._inbox):
+            waiting = list(self._inbox)
+            self._inbox.clear()
+            for row in waiting:
                 if row.cancelled or row.expired(now):
                     row.finish("cancelled" if row.cancelled else "time_limit")
-                    continue
-                admitted.append(row)
-            return admitted
+                else:
+                    self._inbox.append(row)
 
     def _worth_a_prefill(self, room: int) -> bool:
         """Joining costs a prefill pass, so a running batch takes newcomers in groups: once half of it
@@ -120,8 +158,3 @@ class TransformersEngine(EngineThread):
         waited = time.monotonic() - self._inbox[0].submitted_at
         return room >= max(1, self.max_batch // 2) or waited >= self.admit_after_s
 
-
-def _fail(rows: Sequence[Row], error: Exception) -> None:
-    log.error("generation failed for %d rows", len(rows), exc_info=error)
-    for row in rows:
-        row.fail(error)

@@ -93,6 +93,9 @@ class VllmEngine(EngineThread):
         # The same model: Spark and MLflow copy it to a new folder for each load, so compare what it holds.
         key = json.dumps({**args, "model": [checkpoint.config, checkpoint.stored_bytes]}, sort_keys=True)
         with _shared_lock:
+            if _shared and _shared["engine"].dead is not None:
+                log.warning("the vLLM engine of this process died; loading a fresh one")
+                _shared.clear()  # its thread has ended and freed its model
             if _shared:
                 if _shared["key"] != key:
                     raise ConfigError("a vLLM engine with other settings is already loaded in this process; vLLM "

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mixtral_endpoint.config import CHOICES, DEFAULT_MAX_NEW_TOKENS, PREFIX, ServerConfig
+from mixtral_endpoint.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,13 +38,21 @@ def test_values_are_parsed_by_type():
     ({"MIXTRAL_DEVICE_MAP": "gpu"}, "MIXTRAL_DEVICE_MAP must be one of auto, cpu; got 'gpu'"),
     ({"MIXTRAL_ENGINE": "vLLM"}, "MIXTRAL_ENGINE must be one of auto, transformers, vllm; got 'vLLM'"),
     ({"MIXTRAL_MAX_QUEUE": "0"}, "MIXTRAL_MAX_QUEUE must be >= 1"),
-    ({"MIXTRAL_REQUEST_TIMEOUT_S": "0"}, "MIXTRAL_REQUEST_TIMEOUT_S must be > 0"),
+    ({"MIXTRAL_REQUEST_TIMEOUT_S": "0"}, "MIXTRAL_REQUEST_TIMEOUT_S must be a finite number > 0"),
     ({"MIXTRAL_MAX_PROMPTS": "20"}, "could never be queued"),
     ({"MIXTRAL_DEFAULT_MAX_NEW_TOKENS": "4096"}, "above MIXTRAL_MAX_NEW_TOKENS"),
     ({"MIXTRAL_MAX_NEW_TOKENS": "128", "MIXTRAL_DEFAULT_MAX_NEW_TOKENS": "129"}, "above MIXTRAL_MAX_NEW_TOKENS"),
+    # Non-finite numbers pass a "> 0" check and then break every request (a wait of inf overflows).
+    ({"MIXTRAL_REQUEST_TIMEOUT_S": "inf"}, "MIXTRAL_REQUEST_TIMEOUT_S must be a finite number > 0, got inf"),
+    ({"MIXTRAL_REQUEST_TIMEOUT_S": "nan"}, "MIXTRAL_REQUEST_TIMEOUT_S must be a finite number > 0, got nan"),
+    ({"MIXTRAL_REQUEST_TIMEOUT_S": "-inf"}, "MIXTRAL_REQUEST_TIMEOUT_S must be a finite number > 0"),
+    ({"MIXTRAL_MAX_TOTAL_TOKENS": "-1"}, "MIXTRAL_MAX_TOTAL_TOKENS must be >= 0"),
+    # Limits that contradict each other: every request relying on the default would be a 400.
+    ({"MIXTRAL_MAX_TOTAL_TOKENS": "200"}, r"MIXTRAL_MAX_TOTAL_TOKENS \(200\) leaves no room .* \(256\)"),
+    ({"MIXTRAL_MAX_TOTAL_TOKENS": "64", "MIXTRAL_MAX_NEW_TOKENS": "64"}, "MIXTRAL_MAX_TOTAL_TOKENS"),
 ])
 def test_bad_values_name_the_variable(env: dict[str, str], words: str):
-    with pytest.raises(ValueError, match=words):
+    with pytest.raises(ConfigError, match=words):
         ServerConfig.from_env(env)
 
 

@@ -11,8 +11,9 @@ import torch
 from transformers import GenerationConfig, MixtralForCausalLM
 
 from mixtral_endpoint.config import ServerConfig
-from mixtral_endpoint.engine import Row, choose_engine
-from mixtral_endpoint.errors import ConfigError, InternalError
+from mixtral_endpoint.engine import Row
+from mixtral_endpoint.engines import choose_engine
+from mixtral_endpoint.errors import ConfigError, ModelNotReady
 from mixtral_endpoint.sampling import SamplingSettings
 from mixtral_endpoint.service import Scorer
 from mixtral_endpoint.transformers_engine import TransformersEngine
@@ -115,12 +116,12 @@ def test_a_dead_vllm_engine_fails_every_row_and_refuses_new_ones():
     engine.submit(rows)
     assert all(row.done.wait(30) for row in rows)
     assert {row.finish_reason for row in rows} == {"error"} and len(deaths) == 1
-    with pytest.raises(InternalError):
+    with pytest.raises(ModelNotReady):
         engine.submit([Row([1], SamplingSettings(max_new_tokens=1))])
 
 
 def test_a_dead_transformers_engine_fails_every_row_and_calls_on_death(tiny_checkpoint: Path, checkpoint):
-    config = ServerConfig.from_env({"MIXTRAL_ENGINE": "transformers", "MIXTRAL_MAX_TOTAL_TOKENS": "256"})
+    config = ServerConfig.from_env({"MIXTRAL_ENGINE": "transformers", "MIXTRAL_MAX_TOTAL_TOKENS": "512"})
     engine = TransformersEngine.load(checkpoint, config)
     deaths: list[BaseException] = []
     engine.on_death = deaths.append
@@ -130,12 +131,12 @@ def test_a_dead_transformers_engine_fails_every_row_and_calls_on_death(tiny_chec
     engine.submit(rows[1:])  # arrives while the first generates: the admission check dies
     assert all(row.done.wait(60) for row in rows)
     assert {row.finish_reason for row in rows} == {"error"} and isinstance(deaths[0], ZeroDivisionError)
-    with pytest.raises(InternalError):
+    with pytest.raises(ModelNotReady):
         engine.submit([Row([1], replace(rows[0].settings, max_new_tokens=1))])
 
 
 def test_close_ends_rows_in_flight_and_stops_the_thread(checkpoint):
-    config = ServerConfig.from_env({"MIXTRAL_ENGINE": "transformers", "MIXTRAL_MAX_TOTAL_TOKENS": "256"})
+    config = ServerConfig.from_env({"MIXTRAL_ENGINE": "transformers", "MIXTRAL_MAX_TOTAL_TOKENS": "512"})
     engine = TransformersEngine.load(checkpoint, config)
     row = Row([1, 2, 3], SamplingSettings(max_new_tokens=200, ignore_eos=True))
     engine.submit([row])

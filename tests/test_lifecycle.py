@@ -1,0 +1,247 @@
+"""The engine's lifecycle: a fault that persists is its death, waiting rows can end behind a full batch,
+a failed join never shows a caller a first token twice, close never frees a model under a running step,
+a dead vLLM engine is never shared, and a scorer let go frees its model."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from mixtral_endpoint import openai_protocol, openai_routes, vllm_engine
+from mixtral_endpoint.checkpoint import Checkpoint
+from mixtral_endpoint.config import ServerConfig
+from mixtral_endpoint.engine import RETRY_AFTER_DEATH_S, EngineThread, Row
+from mixtral_endpoint.errors import ModelNotReady
+from mixtral_endpoint.sampling import SamplingSettings
+from mixtral_endpoint.service import Scorer
+from mixtral_endpoint.transformers_engine import TransformersEngine
+from mixtral_endpoint.vllm_engine import VllmEngine
+
+from .conftest import SERVER_ENV
+from .test_engines import DyingLLM
+
+LONG = SamplingSettings(max_new_tokens=200, ignore_eos=True)
+
+
+@pytest.fixture
+def engine(checkpoint: Checkpoint) -> Iterator[TransformersEngine]:
+    """Our engine with room for two rows and its own model copy, which a test may break."""
+    config = ServerConfig.from_env({"MIXTRAL_ENGINE": "transformers", "MIXTRAL_MAX_TOTAL_TOKENS": "512",
+                                    "MIXTRAL_MAX_BATCH_SIZE": "2", "MIXTRAL_MAX_PROMPTS": "2"})
+    engine = TransformersEngine.load(checkpoint, config)
+    yield engine
+    engine.close()
+
+
+def patch_forward(engine: TransformersEngine, wrap: Callable[[Callable[..., object]], Callable[..., object]]) -> None:
+    model = engine.stepper.model
+    model.forward = wrap(model.forward)
+
+
+def slowed(forward: Callable[..., object]) -> Callable[..., object]:
+    """Each pass as slow as a large model's, so a row stays in flight while the test acts."""
+
+    def slow(*args: object, **kwargs: object) -> object:
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    return slow
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_a_fault_that_persists_kills_the_engine(engine: TransformersEngine):
+    """Every pass raising (a poisoned device) fails the rows in flight, and the engine dies at once
+    instead of answering 500 to every later request."""
+    deaths: list[BaseException] = []
+    engine.on_death = deaths.append
+    armed = threading.Event()
+
+    def broken(forward: Callable[..., object]) -> Callable[..., object]:
+        def maybe(*args: object, **kwargs: object) -> object:
+            if armed.is_set():
+                raise RuntimeError("a fault in every pass from now on")
+            time.sleep(0.02)
+            return forward(*args, **kwargs)
+        return maybe
+
+    patch_forward(engine, broken)
+    rows = [Row([1, 2, 3], LONG), Row([1, 4], LONG)]
+    engine.submit(rows)
+    wait_until(lambda: all(row.tokens for row in rows))
+    armed.set()
+    assert all(row.done.wait(30) for row in rows)
+    assert {row.finish_reason for row in rows} == {"error"}
+    wait_until(lambda: engine.dead is not None)
+    assert len(deaths) == 1
+    with pytest.raises(ModelNotReady) as refused:
+        engine.submit([Row([1], LONG)])
+    assert refused.value.status == 503 and refused.value.retry_after == RETRY_AFTER_DEATH_S
+
+
+def test_an_error_saying_the_device_is_lost_kills_the_engine_even_if_the_next_pass_works(engine: TransformersEngine):
+    calls = {"n": 0}
+
+    def once(forward: Callable[..., object]) -> Callable[..., object]:
+        def maybe(*args: object, **kwargs: object) -> object:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return forward(*args, **kwargs)
+        return maybe
+
+    deaths: list[BaseException] = []
+    engine.on_death = deaths.append
+    patch_forward(engine, once)
+    row = Row([1, 2, 3], LONG)
+    engine.submit([row])
+    assert row.done.wait(30) and row.finish_reason == "error"
+    wait_until(lambda: bool(deaths))
+    assert engine.dead is not None
+
+
+def test_a_fault_in_one_pass_fails_its_rows_and_the_engine_serves_on(engine: TransformersEngine):
+    calls = {"n": 0}
+
+    def once(forward: Callable[..., object]) -> Callable[..., object]:
+        def maybe(*args: object, **kwargs: object) -> object:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("out of memory for this batch")
+            return forward(*args, **kwargs)
+        return maybe
+
+    patch_forward(engine, once)
+    row = Row([1, 2, 3], LONG)
+    engine.submit([row])
+    assert row.done.wait(30) and row.finish_reason == "error"
+    again = Row([1, 2, 3], SamplingSettings(max_new_tokens=4))
+    engine.submit([again])
+    assert again.done.wait(30) and again.finish_reason == "length" and engine.dead is None
+
+
+def test_waiting_rows_that_are_cancelled_or_expire_leave_the_line_while_the_batch_is_full(
+        engine: TransformersEngine):
+    """A caller that went away gives its place back at once, not when a place in the batch frees up."""
+    patch_forward(engine, slowed)
+    running = [Row([1, 2, 3], LONG), Row([1, 5], LONG)]  # the batch's two places, for ~4 s
+    engine.submit(running)
+    wait_until(lambda: engine.row_counts[0] == 2)
+    cancelled, expiring = Row([1, 6], LONG), Row([1, 7], LONG, deadline=time.monotonic() + 0.2)
+    engine.submit([cancelled, expiring])
+    cancelled.cancel()
+    assert cancelled.done.wait(2) and cancelled.finish_reason == "cancelled"
+    assert expiring.done.wait(2) and expiring.finish_reason == "time_limit"
+    assert not any(row.done.is_set() for row in running)
+    assert engine.row_counts == (2, 0)
+
+
+def test_a_failed_join_fails_both_batches_and_never_shows_a_first_token_twice(engine: TransformersEngine):
+    patch_forward(engine, slowed)
+    join = engine.stepper.join
+    failures = {"left": 1}
+
+    def failing_join(batch: object, new: object) -> object:
+        if batch is not None and new is not None and failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("out of memory while growing the cache")
+        return join(batch, new)
+
+    engine.stepper.join = failing_join
+    running = Row([1, 2, 3], LONG)
+    engine.submit([running])
+    wait_until(lambda: len(running.tokens) >= 2)
+    newcomer = Row([1, 9, 9], LONG)
+    engine.submit([newcomer])
+    assert newcomer.done.wait(30) and running.done.wait(30)
+    # The newcomer's first token went to its caller before the join failed: it is never prefilled again.
+    assert newcomer.finish_reason == "error" and len(newcomer.tokens) == 1
+    assert running.finish_reason == "error"  # its cache may be half extended
+    after = Row([1, 2, 3], SamplingSettings(max_new_tokens=3))
+    engine.submit([after])
+    assert after.done.wait(30) and after.finish_reason == "length"
+
+
+class StuckEngine(EngineThread):
+    """An engine whose one step does not end until the test lets it."""
+
+    name = "stuck"
+    close_timeout_s = 0.2
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.model: object | None = None
+
+        def load() -> None:
+            self.model = object()
+
+        super().__init__(load, thread_name="stuck-engine")
+
+    def _loop(self) -> None:
+        self.release.wait(30)
+
+    def _drop_in_flight(self) -> list[Row]:
+        return []
+
+    def _unload(self) -> None:
+        self.model = None
+
+
+def test_close_never_frees_the_model_under_a_step_that_still_runs():
+    engine = StuckEngine()
+    engine.close()  # gives up waiting after close_timeout_s
+    assert engine.model is not None and engine._thread.is_alive()
+    engine.release.set()
+    engine._thread.join(10)
+    assert engine.model is None  # freed by the engine thread once its step ended
+
+
+def test_a_dead_vllm_engine_is_not_handed_to_the_next_load(checkpoint: Checkpoint, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(vllm_engine, "_shared", {})
+    monkeypatch.setattr(vllm_engine, "_build_llm_engine", lambda args: DyingLLM())
+    config = ServerConfig.from_env({**SERVER_ENV, "MIXTRAL_ENGINE": "vllm"})
+    first = VllmEngine.load(checkpoint, config)
+    row = Row([1, 2, 3], SamplingSettings(max_new_tokens=4))
+    first.submit([row])
+    assert row.done.wait(30) and row.finish_reason == "error"
+    wait_until(lambda: first.dead is not None)
+    again = VllmEngine.load(checkpoint, config)
+    assert again is not first and again.dead is None
+    again.close()
+
+
+def test_a_scorer_let_go_closes_its_engine_and_frees_its_model(tiny_checkpoint: Path):
+    """Loading the model again in one process (a notebook, mlflow.pyfunc.load_model twice) keeps no
+    earlier engine thread or model copy alive."""
+    scorer = Scorer.load(tiny_checkpoint, ServerConfig.from_env({**SERVER_ENV, "MIXTRAL_ENGINE": "transformers"}))
+    model = weakref.ref(scorer.engine.stepper.model)
+    thread = scorer.engine._thread
+    del scorer
+    gc.collect()
+    thread.join(30)
+    assert not thread.is_alive()
+    gc.collect()
+    assert model() is None
+
+
+def test_an_openai_stream_whose_first_chunk_cannot_be_sent_cancels_its_row(scorer: Scorer):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 64, "stream": True,
+            "ignore_eos": True}
+    parsed = openai_protocol.parse(body, "chat", scorer.config.limits, extra_parameters="pass-through")
+    events = scorer.stream(parsed.request, "test")
+    chunks = openai_routes._events(parsed, events, "test")
+    assert "assistant" in next(chunks)  # the role chunk
+    chunks.close()  # the server's write of the role chunk failed: the caller has gone
+    assert events.row.done.wait(30) and events.row.finish_reason == "cancelled"
+    assert len(events.row.tokens) < 64
