@@ -25,7 +25,8 @@ def free_port() -> int:
 class LocalServer:
     """`with LocalServer(model_dir, log_path, env) as server:` serves at `server.url` until the block ends."""
 
-    def __init__(self, model_dir: Path, log_path: Path, env: dict[str, str] | None = None, threads: int = 24) -> None:
+    def __init__(self, model_dir: Path, log_path: Path, env: dict[str, str] | None = None, threads: int = 24,
+                 entry_script: Path = ROOT / "score.py") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -33,7 +34,7 @@ class LocalServer:
                    "AZUREML_MODEL_DIR": str(model_dir)}
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "azmlinfsrv"), "--entry_script", str(ROOT / "score.py"),
+            [str(Path(sys.executable).parent / "azmlinfsrv"), "--entry_script", str(entry_script),
              "--port", str(self.port)],
             cwd=ROOT, env=environ, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
