@@ -133,7 +133,7 @@ def _messages(body: dict[str, Any]) -> tuple[Any, tuple[str, bool | None]]:
         if not isinstance(message, dict):
             raise InvalidRequest(f"messages[{i}] must be an object with role and content", param=f"messages[{i}]")
         role = message.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:  # a list or an object cannot be looked up
             raise InvalidRequest(f"messages[{i}].role must be one of system, developer, user, assistant, got "
                                  f"{_clip(str(role))!r}", param=f"messages[{i}].role")
         if message.get("tool_calls"):

@@ -118,6 +118,11 @@ def input_items(model_input: Any) -> list[Any]:
         column = model_input["input_string"].tolist()
     elif isinstance(model_input, dict) and "input_string" in model_input:
         column = model_input["input_string"]
+        if isinstance(column, str):
+            column = [column]  # one text prompt
+        elif not isinstance(column, list):
+            raise InvalidRequest(f"input_string must be a conversation, a list of text prompts or one prompt, "
+                                 f"not {type(column).__name__}", param="input_string")
     else:
         raise InvalidRequest("the input must be {'input_string': ...} or a DataFrame with an input_string column",
                              param="input_string")
