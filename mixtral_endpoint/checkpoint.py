@@ -2,6 +2,10 @@
 
 Sizes come from the config and the safetensors headers alone, so checking a 93 GB checkpoint
 reads a few kilobytes. Safetensors only: nothing here loads pickle or remote code.
+
+A pre-quantized checkpoint (config.json's `quantization_config`, e.g. compressed-tensors FP8 with
+F8_E4M3 weights and F32 `weight_scale` / `input_scale` tensors) is sized at the bytes it stores:
+vLLM serves it as stored, it is never re-cast to bf16 first.
 """
 
 from __future__ import annotations
@@ -40,8 +44,14 @@ MIXTRAL_8X7B_CONFIG: dict[str, Any] = {
     "torch_dtype": "bfloat16",
 }
 
-DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# Every dtype name safetensors writes in a header (safetensors.torch._TYPES), and its width.
+DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+               "U16": 2, "U8": 1, "BOOL": 1, "C64": 8, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1}
+FLOAT_DTYPES = ("F64", "F32", "BF16", "F16")  # what an unquantized checkpoint stores; re-cast to the serving dtype
+FP8_DTYPES = ("F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ")  # only ever read through a quantization_config
 TARGET_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Tensors a quantized checkpoint adds beside its weights; not parameters of the model.
+QUANT_SUFFIXES = ("_scale", "_zero_point", "_g_idx")
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -50,8 +60,8 @@ class Checkpoint:
     path: Path
     config: dict[str, Any]
     shards: tuple[Path, ...]
-    parameters: int  # total number of weights
-    bytes_by_dtype: dict[str, int]  # stored bytes per safetensors dtype
+    parameters: int  # total number of weights (a quantized checkpoint's scales not counted)
+    bytes_by_dtype: dict[str, int]  # stored bytes per safetensors dtype, scales included
 
     @property
     def stored_bytes(self) -> int:
@@ -62,8 +72,34 @@ class Checkpoint:
     def context_window(self) -> int:
         return int(self.config["max_position_embeddings"])
 
+    @property
+    def quantization(self) -> str | None:
+        """config.json's quantization_config.quant_method ("compressed-tensors", "fp8", ...); None: unquantized."""
+        method = (self.config.get("quantization_config") or {}).get("quant_method")
+        return str(method) if method else None
+
     def bytes_as(self, dtype: str) -> int:
-        return self.parameters * TARGET_BYTES[dtype]
+        """The weights' bytes once loaded in `dtype`.
+
+        Unquantized: every parameter in `dtype`. Quantized: the quantized tensors and their scales as
+        stored, and only the 16-bit float tensors left unquantized (embeddings, norms, router, lm_head)
+        in `dtype`.
+        """
+        if self.quantization is None:
+            return self.parameters * TARGET_BYTES[dtype]
+        return sum(n * TARGET_BYTES[dtype] // DTYPE_BYTES[d] if d in ("BF16", "F16") else n
+                   for d, n in self.bytes_by_dtype.items())
+
+
+def require_unquantized(checkpoint: Checkpoint, engine_name: str) -> None:
+    """Refuses a quantized checkpoint for an engine that can only load float weights, naming both."""
+    if checkpoint.quantization is None:
+        return
+    stored = ", ".join(sorted(d for d in checkpoint.bytes_by_dtype if d not in FLOAT_DTYPES))
+    what = checkpoint.quantization + (f", {stored} tensors" if stored else "")
+    raise CheckpointError(
+        f"{checkpoint.path} is quantized ({what}); the {engine_name} engine "
+        "serves only unquantized bfloat16/float16/float32 checkpoints: serve it on vLLM (MIXTRAL_ENGINE=vllm)")
 
 
 def inspect_checkpoint(path: Path) -> Checkpoint:
@@ -83,17 +119,36 @@ def inspect_checkpoint(path: Path) -> Checkpoint:
     shards = tuple(path / name for name in sorted(set(weight_map.values())))
     parameters = 0
     by_dtype: dict[str, int] = {}
+    dtypes: dict[str, tuple[str, Path]] = {}  # tensor -> (dtype, shard)
     for shard in shards:
         if not shard.is_file():
             raise CheckpointError(f"{shard} is named in {INDEX_FILE} but does not exist")
         for name, (count, nbytes, dtype) in _tensor_sizes(shard).items():
             if weight_map.get(name) != shard.name:
                 raise CheckpointError(f"{shard}: tensor {name} is not mapped to this shard in {INDEX_FILE}")
-            parameters += count
+            parameters += 0 if name.endswith(QUANT_SUFFIXES) else count
             by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
+            dtypes[name] = (dtype, shard)
+    _check_quantization(path, config, dtypes)
     if not (path / TOKENIZER_FILE).is_file():
         raise CheckpointError(f"{path / TOKENIZER_FILE} is missing (Mixtral's SentencePiece tokenizer)")
     return Checkpoint(path=path, config=config, shards=shards, parameters=parameters, bytes_by_dtype=by_dtype)
+
+
+def _check_quantization(path: Path, config: dict[str, Any], dtypes: dict[str, tuple[str, Path]]) -> None:
+    """FP8 tensors need a quantization_config that names its method, and each its scale."""
+    quantization = config.get("quantization_config")
+    if quantization is not None and not (isinstance(quantization, dict)
+                                         and isinstance(quantization.get("quant_method"), str)):
+        raise CheckpointError(f"{path / 'config.json'}: quantization_config has no quant_method")
+    for name, (dtype, shard) in dtypes.items():
+        if dtype not in FP8_DTYPES:
+            continue
+        if quantization is None:
+            raise CheckpointError(f"{shard}: tensor {name} is {dtype}, but {path / 'config.json'} has no "
+                                  "quantization_config saying how to read it")
+        if f"{name}_scale" not in dtypes:
+            raise CheckpointError(f"{shard}: tensor {name} is {dtype} without its {name}_scale")
 
 
 def _tensor_sizes(shard: Path) -> dict[str, tuple[int, int, str]]:
@@ -118,8 +173,10 @@ def _tensor_sizes(shard: Path) -> dict[str, tuple[int, int, str]]:
         count = 1
         for dim in info["shape"]:
             count *= dim
+        if info["dtype"] not in DTYPE_BYTES:
+            raise CheckpointError(f"{shard}: tensor {name} has dtype {info['dtype']}, which safetensors does not name")
         begin, stop = info["data_offsets"]
-        if stop - begin != count * DTYPE_BYTES.get(info["dtype"], 0):
+        if stop - begin != count * DTYPE_BYTES[info["dtype"]]:
             raise CheckpointError(f"{shard}: tensor {name} has a {info['dtype']} size that does not match its shape")
         sizes[name] = (count, stop - begin, info["dtype"])
         end = max(end, stop)

@@ -47,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     sizing.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     sizing.add_argument("--batch", type=int, default=8, help="rows generated together (MIXTRAL_MAX_BATCH_SIZE)")
     sizing.add_argument("--tokens", type=int, default=0, help="tokens per row (default: the context window)")
+    sizing.add_argument("--prompt-tokens", type=int, default=0,
+                        help="with --new-tokens: how many rows of this prompt + output length vLLM's cache holds")
+    sizing.add_argument("--new-tokens", type=int, default=0, help="output tokens of each row (max_new_tokens)")
+    sizing.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "bfloat16", "float16", "fp8"),
+                        help="vLLM's KV cache dtype (auto: --dtype; fp8 halves it)")
+    sizing.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="share of each GPU vLLM may take (vLLM's gpu_memory_utilization)")
 
     batch = commands.add_parser("batch", help="score JSONL files, one request per line; resumable")
     batch.add_argument("inputs", nargs="+", help="JSONL files: one request per line, optionally with an id")
@@ -109,7 +116,7 @@ def _plan(args: argparse.Namespace) -> int:
     from accelerate.utils import convert_file_size_to_int
 
     from .checkpoint import inspect_checkpoint
-    from .placement import Devices, describe, plan
+    from .placement import Devices, describe, describe_kv, kv_budget, plan
 
     checkpoint = inspect_checkpoint(args.checkpoint)
     tokens = args.tokens or checkpoint.context_window
@@ -119,7 +126,15 @@ def _plan(args: argparse.Namespace) -> int:
     devices = Devices((nbytes(args.gpu_memory),) * args.gpus, nbytes(args.cpu_memory), nbytes(args.disk))
     result = plan(checkpoint, devices, dtype=args.dtype, rows=args.batch, tokens=tokens)
     print(describe(checkpoint, devices, result, rows=args.batch, tokens=tokens))
-    return 0 if result.fits else 1
+    if not (args.prompt_tokens or args.new_tokens):
+        return 0 if result.fits else 1
+    # vLLM's cache: the share of each GPU it takes, less the weights; the rows x context plan above is our engine's.
+    share = Devices(tuple(int(g * args.gpu_memory_utilization) for g in devices.gpu_bytes), devices.cpu_bytes)
+    row = args.prompt_tokens + args.new_tokens
+    budget = kv_budget(checkpoint, share, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, row_tokens=row)
+    print(describe_kv(checkpoint, share, budget, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+                      prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens))
+    return 0 if budget.tokens >= row else 1
 
 
 def _batch(args: argparse.Namespace) -> int:

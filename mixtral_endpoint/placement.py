@@ -4,6 +4,10 @@ From the config and the safetensors headers alone: bytes in the serving dtype, t
 configured batch and context need, and the device map accelerate would choose over the devices
 (with each GPU's share of the cache and some headroom held back). `init()` and
 `mixtral-endpoint plan` use the same function, so what the plan says is what the server loads.
+
+Two caches, one per engine. Our engine holds rows x the whole context (`plan`). vLLM's paged cache
+holds only the tokens in use, so it is sized as a budget of tokens in the memory the weights leave
+(`kv_budget`), and rows are admitted while their prompt + max_new_tokens fit in it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,14 @@ from .config import ServerConfig
 
 GIB = 1024**3
 HEADROOM_PER_GPU = 2 * GIB  # CUDA context, activations and allocator slack
+# vLLM: the CUDA context, the activations of its profiling step (a chunked prefill through the experts),
+# CUDA graphs and NCCL buffers, all held before it sizes its cache.
+VLLM_HEADROOM_PER_GPU = 4 * GIB
+VLLM_MEMORY_SHARE = 0.9  # vLLM's default gpu_memory_utilization: the share of each GPU it may take
+KV_BLOCK_TOKENS = 16  # vLLM's paged-cache block on GPU: a row holds whole blocks
+MAX_NUM_SEQS = 256  # sequences vLLM steps at once at most (its own default on an A100)
+TYPICAL_ROW_TOKENS = 1024  # prompt + max_new_tokens of a typical row, when choosing max_num_seqs
+KV_CACHE_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}  # vLLM's names
 
 
 @dataclass(frozen=True)
@@ -53,16 +65,65 @@ class Plan:
         return [m for m, d in (self.device_map or {}).items() if d in ("cpu", "disk")]
 
 
+@dataclass(frozen=True)
+class KvBudget:
+    """vLLM's paged KV cache, in tokens: what admission spends a row's prompt + max_new_tokens from."""
+
+    tokens: int  # cache tokens that fit, in whole blocks; 0: the weights leave no room
+    max_seqs: int  # sequences at once (vLLM's max_num_seqs): the cap, or fewer where rows of the length asked fill it
+    bytes: int  # the cache over all devices (vLLM's kv_cache_memory_bytes where it is given in bytes)
+
+
 def kv_cache_bytes(config: dict, *, rows: int, tokens: int, dtype_bytes: int) -> int:
     """Keys and values of every layer for `rows` sequences of `tokens` tokens."""
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     return rows * tokens * 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * dtype_bytes
 
 
+def kv_cache_dtype_bytes(kv_cache_dtype: str, dtype: str) -> int:
+    """Bytes per cached element: vLLM's kv_cache_dtype ("auto": the serving dtype; "fp8": one byte)."""
+    if kv_cache_dtype == "auto":
+        return TARGET_BYTES[dtype]
+    if kv_cache_dtype not in KV_CACHE_DTYPE_BYTES:
+        raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(KV_CACHE_DTYPE_BYTES)}; "
+                         f"got {kv_cache_dtype!r}")
+    return KV_CACHE_DTYPE_BYTES[kv_cache_dtype]
+
+
+def kv_budget(checkpoint: Checkpoint, devices: Devices, *, dtype: str, kv_cache_dtype: str = "auto",
+              row_tokens: int = TYPICAL_ROW_TOKENS, max_seqs: int = MAX_NUM_SEQS) -> KvBudget:
+    """How many tokens of KV cache vLLM holds in the memory the weights leave. Pure: no device is touched.
+
+    `devices.gpu_bytes` is the memory vLLM may take on each GPU (total x gpu_memory_utilization, or the
+    server's cap). With tensor parallelism over all of them each GPU holds 1/N of the weights and of
+    every token's key/value heads (whole heads: past num_key_value_heads GPUs they are replicated), so
+    the tightest GPU sets the budget after VLLM_HEADROOM_PER_GPU. On a CPU-only host the budget is
+    what `cpu_bytes` leaves after the weights. `max_seqs` is capped by how many rows of `row_tokens`
+    (rounded up to whole blocks) the budget holds, and is at least 1 while any token fits.
+    """
+    config = checkpoint.config
+    element = kv_cache_dtype_bytes(kv_cache_dtype, dtype)
+    weights = checkpoint.bytes_as(dtype)
+    if devices.gpu_bytes:
+        gpus = len(devices.gpu_bytes)
+        heads = _ceil_div(config["num_key_value_heads"], gpus)
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        per_token = 2 * config["num_hidden_layers"] * heads * head_dim * element  # on each GPU
+        room = min(g - VLLM_HEADROOM_PER_GPU - _ceil_div(weights, gpus) for g in devices.gpu_bytes)
+    else:
+        gpus = 1
+        per_token = kv_cache_bytes(config, rows=1, tokens=1, dtype_bytes=element)
+        room = devices.cpu_bytes - weights
+    tokens = max(room, 0) // per_token // KV_BLOCK_TOKENS * KV_BLOCK_TOKENS
+    seqs = min(max_seqs, max(tokens // _whole_blocks(row_tokens), 1)) if tokens else 0
+    return KvBudget(tokens=tokens, max_seqs=seqs, bytes=tokens * per_token * gpus)
+
+
 def plan(checkpoint: Checkpoint, devices: Devices, *, dtype: str, rows: int, tokens: int) -> Plan:
     weights = checkpoint.bytes_as(dtype)
     kv = kv_cache_bytes(checkpoint.config, rows=rows, tokens=tokens, dtype_bytes=TARGET_BYTES[dtype])
-    needs = f"{size(weights)} of {dtype} weights + {size(kv)} of KV cache ({rows} x {tokens} tokens)"
+    stored = f"{checkpoint.quantization} weights as stored" if checkpoint.quantization else f"{dtype} weights"
+    needs = f"{size(weights)} of {stored} + {size(kv)} of KV cache ({rows} x {tokens} tokens)"
     if not devices.gpu_bytes:
         fits = weights + kv <= devices.cpu_bytes
         verdict = (f"{'fits' if fits else 'does not fit'}: {needs} = {size(weights + kv)}, "
@@ -75,6 +136,12 @@ def plan(checkpoint: Checkpoint, devices: Devices, *, dtype: str, rows: int, tok
         verdict = (f"does not fit: the KV cache alone ({size(kv)}) is over the {size(usable)} usable on "
                    f"{gpus} GPU(s); lower MIXTRAL_MAX_BATCH_SIZE or MIXTRAL_MAX_TOTAL_TOKENS")
         return Plan(dtype, weights, kv, None, None, False, verdict)
+    if checkpoint.quantization:
+        # Only vLLM serves it, and places it itself: every GPU holds 1/N of the weights (tensor parallel).
+        fits = _ceil_div(weights, gpus) <= min(budgets)
+        verdict = (f"{'fits' if fits else 'does not fit'}: {needs} = {size(weights + kv)}, split over {gpus} GPU(s) "
+                   f"by tensor parallelism, {size(usable)} usable" + ("" if fits else "; use more or larger GPUs"))
+        return Plan(dtype, weights, kv, None, None, fits, verdict)
     max_memory: dict[int | str, int] = {i: b for i, b in enumerate(budgets)}
     max_memory["cpu"] = devices.cpu_bytes
     if devices.disk_bytes:
@@ -105,7 +172,9 @@ def describe(checkpoint: Checkpoint, devices: Devices, result: Plan, *, rows: in
         f"checkpoint:  {checkpoint.path} ({checkpoint.parameters / 1e9:.2f} B parameters, {len(checkpoint.shards)} "
         "shards)",
         f"stored:      {stored}",
-        f"weights:     {size(result.weights_bytes)} as {result.dtype}",
+        f"weights:     {size(result.weights_bytes)} as {result.dtype}" + (
+            f" (quantized, {checkpoint.quantization}: 8-bit tensors as stored; only vLLM serves it)"
+            if checkpoint.quantization else ""),
         f"KV cache:    {rows} rows x {tokens} tokens = {size(result.kv_bytes)} ({per_token / 1024:.1f} KiB per token)",
         f"devices:     {gpus}; CPU {size(devices.cpu_bytes)}; disk {size(devices.disk_bytes)}",
     ]
@@ -114,6 +183,37 @@ def describe(checkpoint: Checkpoint, devices: Devices, result: Plan, *, rows: in
         lines.append(f"offloaded:   {', '.join(result.offloaded) or 'nothing'}")
     lines.append(f"verdict:     {result.verdict}")
     return "\n".join(lines)
+
+
+def describe_kv(checkpoint: Checkpoint, devices: Devices, budget: KvBudget, *, dtype: str, kv_cache_dtype: str,
+                prompt_tokens: int, new_tokens: int) -> str:
+    """vLLM's side of `mixtral-endpoint plan`: the budget from `kv_budget(..., row_tokens=prompt + new)`."""
+    element = kv_cache_dtype_bytes(kv_cache_dtype, dtype)
+    kind = kv_cache_dtype if kv_cache_dtype != "auto" else dtype
+    gpus = len(devices.gpu_bytes)
+    where = (f"{gpus} x {size(devices.gpu_bytes[0])}, each after {size(_ceil_div(checkpoint.bytes_as(dtype), gpus))} "
+             f"of weights and {size(VLLM_HEADROOM_PER_GPU)} headroom" if gpus else "CPU memory after the weights")
+    per_token = kv_cache_bytes(checkpoint.config, rows=1, tokens=1, dtype_bytes=element)
+    row = prompt_tokens + new_tokens
+    held = budget.tokens // _whole_blocks(row)
+    lines = [f"vLLM cache:  {budget.tokens:,} tokens of {kind} KV ({per_token / 1024:.1f} KiB each) = "
+             f"{size(budget.bytes)}, in {where}"]
+    if held >= 1:
+        capped = f"; max_num_seqs caps the batch at {budget.max_seqs}" if held > budget.max_seqs else ""
+        lines.append(f"rows:        {held} of {prompt_tokens} + {new_tokens} tokens fit in the cache{capped}")
+    else:
+        lines.append(f"rows:        none: one row of {prompt_tokens} + {new_tokens} tokens is over the "
+                     f"{budget.tokens:,}-token cache")
+    return "\n".join(lines)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _whole_blocks(tokens: int) -> int:
+    """Cache tokens a row of `tokens` occupies: vLLM gives it whole blocks."""
+    return _ceil_div(max(tokens, 1), KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
 
 
 def _groups(device_map: dict[str, int | str]) -> list[str]:
