@@ -22,8 +22,9 @@ def package_model(checkpoint_dir: Path, out: Path, *, reference: bool = False) -
     By copy (the default) the checkpoint becomes an artifact inside `out`, so the folder is
     self-contained (what `az ml model create --path model` uploads). By reference `out` holds only
     the checkpoint's absolute path: no 93 GB copy, but the path must exist wherever it is served.
+    A pre-quantized checkpoint (FP8) is packaged as it is; MLmodel's metadata names its quantization.
     """
-    inspect_checkpoint(checkpoint_dir)
+    checkpoint = inspect_checkpoint(checkpoint_dir)
     if out.exists():
         shutil.rmtree(out)
     example = json.loads(SAMPLE_REQUEST.read_text())
@@ -43,6 +44,7 @@ def package_model(checkpoint_dir: Path, out: Path, *, reference: bool = False) -
             model_config={SERVER_CONFIG: None},  # filled in by the door that loads it (pyfunc.load_scorer)
             input_example=({"input_string": example["input_data"]["input_string"]}, example["parameters"]),
             pip_requirements=str(PACKAGE_DIR.parent / "requirements.txt"),
+            metadata={"quantization": checkpoint.quantization} if checkpoint.quantization else None,
         )
     return out
 

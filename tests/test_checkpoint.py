@@ -1,4 +1,5 @@
-"""Checkpoint checks and the preflight fit check, on copies of the tiny checkpoint broken on purpose."""
+"""Checkpoint checks and the preflight fit check, on copies of the tiny checkpoint broken on purpose, and on
+small header-only FP8 checkpoints laid out as the real FP8 Mixtral is."""
 
 from __future__ import annotations
 
@@ -8,11 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from mixtral_endpoint.checkpoint import MIXTRAL_8X7B_CONFIG, inspect_checkpoint
+from mixtral_endpoint.checkpoint import MIXTRAL_8X7B_CONFIG, inspect_checkpoint, require_unquantized
 from mixtral_endpoint.errors import CheckpointError, DoesNotFit
 from mixtral_endpoint.placement import GIB, Devices, plan
 from mixtral_endpoint.stepper import Stepper
 from mixtral_endpoint.tiny import build_tiny, tiny_config
+
+from .test_sizing import FP8_QUANTIZATION_CONFIG, fp8_tensors, write_header_only_checkpoint
+
+# Mixtral's layout at a few megabytes: every tensor the real FP8 checkpoint has, small.
+SMALL = {**MIXTRAL_8X7B_CONFIG, "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1}
 
 
 @pytest.fixture
@@ -98,3 +105,50 @@ def test_preflight_refuses_weights_that_do_not_fit_before_reading_any(checkpoint
     with pytest.raises(DoesNotFit, match="does not fit"):
         Stepper.load(checkpoint, too_small)
     assert plan(checkpoint, Devices((), cpu_bytes=GIB), dtype="float32", rows=8, tokens=8192).fits
+
+
+def small_fp8(out: Path, *, config: dict | None = None, drop: str = "", dtype: str = "") -> Path:
+    """A header-only FP8 checkpoint of SMALL; `drop` leaves out one tensor, `dtype` renames the F8 dtype."""
+    tensors = fp8_tensors(SMALL)
+    tensors.pop(drop, None)
+    if dtype:
+        tensors = {n: (dtype if d == "F8_E4M3" else d, s) for n, (d, s) in tensors.items()}
+    return write_header_only_checkpoint(out, {**SMALL, "quantization_config": FP8_QUANTIZATION_CONFIG}
+                                        if config is None else config, shards=3, tensors=tensors)
+
+
+def test_the_tiny_checkpoint_is_not_quantized(checkpoint):
+    assert checkpoint.quantization is None
+    require_unquantized(checkpoint, "transformers")
+
+
+def test_an_fp8_checkpoint_is_read_with_its_quantization(tmp_path: Path):
+    fp8 = inspect_checkpoint(small_fp8(tmp_path / "fp8"))
+    assert fp8.quantization == "compressed-tensors"
+    assert fp8.bytes_by_dtype["F8_E4M3"] == fp8.stored_bytes - fp8.bytes_by_dtype["BF16"] - fp8.bytes_by_dtype["F32"]
+    with pytest.raises(CheckpointError, match="fp8.* is quantized .*the transformers engine"):
+        require_unquantized(fp8, "transformers")
+
+
+def test_fp8_weights_without_a_quantization_config_are_refused_naming_the_tensor(tmp_path: Path):
+    with pytest.raises(CheckpointError, match=r"tensor model.layers.0.self_attn.q_proj.weight is F8_E4M3, but "
+                                              r".*config.json has no quantization_config"):
+        inspect_checkpoint(small_fp8(tmp_path / "fp8", config=SMALL))
+
+
+def test_an_fp8_weight_without_its_scale_is_refused_naming_both(tmp_path: Path):
+    scale = "model.layers.1.block_sparse_moe.experts.3.w2.weight_scale"
+    with pytest.raises(CheckpointError, match=f"w2.weight is F8_E4M3 without its {scale}"):
+        inspect_checkpoint(small_fp8(tmp_path / "fp8", drop=scale))
+
+
+def test_a_quantization_config_without_its_method_is_refused(tmp_path: Path):
+    config = {**SMALL, "quantization_config": {k: v for k, v in FP8_QUANTIZATION_CONFIG.items()
+                                               if k != "quant_method"}}
+    with pytest.raises(CheckpointError, match="config.json: quantization_config has no quant_method"):
+        inspect_checkpoint(small_fp8(tmp_path / "fp8", config=config))
+
+
+def test_a_dtype_safetensors_does_not_name_is_refused_naming_it(tmp_path: Path):
+    with pytest.raises(CheckpointError, match="has dtype F4_E2M1, which safetensors does not name"):
+        inspect_checkpoint(small_fp8(tmp_path / "fp8", dtype="F4_E2M1"))

@@ -11,8 +11,12 @@ from pathlib import Path
 
 import mlflow.pyfunc
 import pytest
+import yaml
 
 from mixtral_endpoint.cli import main
+
+from .test_checkpoint import small_fp8
+from .test_sizing import MIXTRAL_FP8_BYTES, MIXTRAL_FP8_CONFIG, fp8_tensors, write_header_only_checkpoint
 
 BIN = Path(sys.executable).parent
 PROMPT = {"input_string": ["Once upon a time"]}
@@ -83,3 +87,28 @@ def test_a_broken_checkpoint_is_refused_naming_the_file(broken: Path, tmp_path: 
     error = capsys.readouterr().err
     assert error.startswith("error: ") and named in error
     assert not out.exists()
+
+
+def test_an_fp8_mixtral_of_the_real_config_is_packaged_by_reference(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """The 47 GB FP8 checkpoint (header-only here) is accepted as it is, and MLmodel names its quantization."""
+    fp8 = write_header_only_checkpoint(tmp_path / "Mixtral-8x7B-FP8", MIXTRAL_FP8_CONFIG, shards=10,
+                                       tensors=fp8_tensors(MIXTRAL_FP8_CONFIG))
+    assert sum(p.stat().st_size for p in fp8.glob("*.safetensors")) > MIXTRAL_FP8_BYTES  # data + headers
+    out = tmp_path / "model"
+    assert main(["package", "--checkpoint", str(fp8), "--out", str(out), "--reference"]) == 0, capsys.readouterr()
+    assert yaml.safe_load((out / "MLmodel").read_text())["metadata"] == {"quantization": "compressed-tensors"}
+    assert json.loads(next(out.rglob("checkpoint-reference.json")).read_text())["path"] == str(fp8.resolve())
+
+
+def test_an_fp8_checkpoint_is_packaged_by_copy_with_its_scales(tmp_path: Path):
+    fp8 = small_fp8(tmp_path / "fp8")
+    out = tmp_path / "model"
+    assert main(["package", "--checkpoint", str(fp8), "--out", str(out)]) == 0
+    copied = next(out.rglob("config.json"))
+    assert json.loads(copied.read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+    names = sorted(p.name for p in fp8.glob("*.safetensors"))
+    assert sorted(p.name for p in copied.parent.glob("*.safetensors")) == names
+
+
+def test_an_unquantized_model_names_no_quantization(mlflow_model: Path):
+    assert "quantization" not in (yaml.safe_load((mlflow_model / "MLmodel").read_text()).get("metadata") or {})

@@ -103,7 +103,7 @@ def write_header_only_checkpoint(out: Path, config: dict, shards: int = 19,
         name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         header, offset = {}, 0
         for tensor, (dtype, shape) in laid_out[s * per_shard:(s + 1) * per_shard]:
-            nbytes = DTYPE_BYTES[dtype] * math.prod(shape)
+            nbytes = DTYPE_BYTES.get(dtype, 1) * math.prod(shape)  # a dtype this package does not know: 1 byte
             header[tensor] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
             weight_map[tensor] = name
