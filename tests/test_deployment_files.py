@@ -5,14 +5,21 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import yaml
+from accelerate.utils import convert_file_size_to_int
 
-from mixtral_endpoint.checkpoint import MIXTRAL_8X7B_CONFIG
+from mixtral_endpoint.checkpoint import MIXTRAL_8X7B_CONFIG, inspect_checkpoint
+from mixtral_endpoint.placement import Devices, kv_budget, plan
+
+from .test_sizing import SKUS, mixtral, mixtral_fp8  # noqa: F401 (the header-only checkpoints, as fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 # GPU memory per instance type, in GB (10^9 bytes), for the SKUs this project names.
 SKU_GPU_GB = {"Standard_NC48ads_A100_v4": 2 * 80, "Standard_NC96ads_A100_v4": 4 * 80,
               "Standard_ND96asr_v4": 8 * 40, "Standard_ND96amsr_A100_v4": 8 * 80}
+# The other SKUs' settings: deployments/*.yml, each a managed online deployment of its own.
+SKU_FILES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "deployments").glob("*.yml"))
 AZURE_REQUEST_TIMEOUT_CAP_MS = 180_000
 MIXTRAL_PARAMETERS = 46.7e9
 
@@ -106,3 +113,44 @@ def test_the_deployment_files_settings_start_a_server():
         env = {k: str(v) for k, v in load(name)["environment_variables"].items()}
         config = ServerConfig.from_env(env)
         assert config.engine == ("vllm" if name == "deployment.yml" else "auto")
+
+
+@pytest.mark.parametrize("name", SKU_FILES)
+def test_each_sku_file_loads_and_keeps_its_concurrency_timeouts_and_probes(name: str):
+    from azure.ai.ml import load_online_deployment
+
+    from mixtral_endpoint.config import ServerConfig
+
+    deployment = load(name)
+    online = load_online_deployment(ROOT / name)
+    assert online.instance_type == deployment["instance_type"] and deployment["instance_type"] in SKUS
+    assert online.endpoint_name == load("endpoint.yml")["name"]
+    assert (ROOT / name).parent.joinpath(deployment["code_configuration"]["code"]).resolve() == ROOT
+    assert online.environment.conda_file["name"] == load("conda.yaml")["name"]
+    env = {k: str(v) for k, v in deployment["environment_variables"].items()}
+    assert set(env) <= set(load("deployment.yml")["environment_variables"]) | {"MIXTRAL_MAX_TOTAL_TOKENS"}
+    config = ServerConfig.from_env(env)
+    assert config.engine == "vllm"
+    threads = int(re.search(r"--threads (\d+)", env["GUNICORN_CMD_ARGS"])[1])
+    assert deployment["request_settings"]["max_concurrent_requests_per_instance"] == threads
+    assert threads == config.max_batch_size + config.max_queue
+    assert config.request_timeout_s * 1000 < deployment["request_settings"]["request_timeout_ms"] <= 180_000
+    assert int(env["WORKER_TIMEOUT"]) > MIXTRAL_PARAMETERS * 2 / 200e6
+    for probe in ("liveness_probe", "readiness_probe"):
+        p = deployment[probe]
+        assert p["initial_delay"] + p["period"] * p["failure_threshold"] > MIXTRAL_PARAMETERS * 2 / 200e6, probe
+
+
+@pytest.mark.parametrize("name", SKU_FILES)
+def test_each_sku_file_holds_its_batch_in_both_caches(name: str, mixtral: Path, mixtral_fp8: Path):  # noqa: F811
+    """The batch x MIXTRAL_MAX_TOTAL_TOKENS reserved today fits the SKU under the server's own cap, and vLLM's
+    paged cache in that memory holds as many rows of that length: no row waits on a cache it was promised."""
+    deployment = load(name)
+    env = deployment["environment_variables"]
+    checkpoint = inspect_checkpoint(mixtral_fp8 if "fp8" in deployment["model"] else mixtral)
+    gpus, memory = SKUS[deployment["instance_type"]]
+    devices = Devices((min(memory, convert_file_size_to_int(env["MIXTRAL_MAX_GPU_MEMORY"])),) * gpus, 0)
+    rows, tokens = int(env["MIXTRAL_MAX_BATCH_SIZE"]), int(env["MIXTRAL_MAX_TOTAL_TOKENS"])
+    result = plan(checkpoint, devices, dtype="bfloat16", rows=rows, tokens=tokens)
+    assert result.fits and not result.offloaded, result.verdict
+    assert kv_budget(checkpoint, devices, dtype="bfloat16", row_tokens=tokens).max_seqs >= rows
