@@ -230,16 +230,34 @@ def _groups(device_map: dict[str, int | str]) -> list[str]:
 
 def plan_placement(checkpoint: Checkpoint, config: ServerConfig, *, rows: int, tokens: int) -> Plan:
     """The plan for the devices this process sees, under the server's caps."""
+    devices = visible_devices(config)
+    return plan(checkpoint, devices, dtype=serving_dtype(config, devices), rows=rows, tokens=tokens)
+
+
+def visible_devices(config: ServerConfig, *, memory_share: float | None = None) -> Devices:
+    """The memory this process may use on each GPU it sees: what is free, under MIXTRAL_MAX_GPU_MEMORY.
+
+    `memory_share` (vLLM's gpu_memory_utilization, e.g. VLLM_MEMORY_SHARE) bounds each GPU at that share of
+    its total where no cap is set: what vLLM will take, and so what `kv_budget` should be given.
+    """
     gpus = torch.cuda.device_count() if config.device_map != "cpu" else 0
-    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if gpus else "float32")
     cap = convert_file_size_to_int(config.max_gpu_memory) if config.max_gpu_memory else None
-    gpu_bytes = tuple(min(torch.cuda.mem_get_info(i)[0], cap or 2**62) for i in range(gpus))
+    gpu_bytes = []
+    for i in range(gpus):
+        free, total = torch.cuda.mem_get_info(i)
+        limit = cap or (int(total * memory_share) if memory_share else free)
+        gpu_bytes.append(min(free, limit))
     if gpus:
         cpu = convert_file_size_to_int(config.max_cpu_memory) if config.max_cpu_memory else 0
     else:
         cpu = psutil.virtual_memory().available
     disk = shutil.disk_usage(Path(config.offload_folder).resolve().anchor).free if config.offload_folder else 0
-    return plan(checkpoint, Devices(gpu_bytes, cpu, disk), dtype=dtype, rows=rows, tokens=tokens)
+    return Devices(tuple(gpu_bytes), cpu, disk)
+
+
+def serving_dtype(config: ServerConfig, devices: Devices) -> str:
+    """MIXTRAL_DTYPE, or for auto: bfloat16 on GPU, float32 on CPU."""
+    return config.dtype if config.dtype != "auto" else ("bfloat16" if devices.gpu_bytes else "float32")
 
 
 def _device_map(checkpoint: Checkpoint, max_memory: dict[int | str, int], dtype: str) -> dict[str, int | str]:
