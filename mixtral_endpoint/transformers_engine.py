@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from .checkpoint import require_unquantized
 from .engine import EngineThread, Row, device_lost
 from .placement import plan_placement
 from .stepper import Batch, Stepper
@@ -50,6 +51,7 @@ class TransformersEngine(EngineThread):
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, config: ServerConfig) -> TransformersEngine:
+        require_unquantized(checkpoint, cls.name)
         tokens = min(config.max_total_tokens or checkpoint.context_window, checkpoint.context_window)
         plan = plan_placement(checkpoint, config, rows=config.max_batch_size, tokens=tokens)
         return cls(lambda: Stepper.load(checkpoint, plan, offload_folder=config.offload_folder or None),

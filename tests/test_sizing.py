@@ -18,6 +18,7 @@ from accelerate.utils import convert_file_size_to_int
 
 from mixtral_endpoint.checkpoint import DTYPE_BYTES, MIXTRAL_8X7B_CONFIG, inspect_checkpoint, require_unquantized
 from mixtral_endpoint.cli import main
+from mixtral_endpoint.config import ServerConfig
 from mixtral_endpoint.errors import CheckpointError
 from mixtral_endpoint.placement import (
     GIB,
@@ -30,6 +31,7 @@ from mixtral_endpoint.placement import (
     plan,
 )
 from mixtral_endpoint.tokenizer import reference_tokenizer_file
+from mixtral_endpoint.transformers_engine import TransformersEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -263,6 +265,8 @@ def test_our_engine_refuses_a_quantized_checkpoint_by_name(mixtral: Path, mixtra
     with pytest.raises(CheckpointError, match=r"quantized \(compressed-tensors, F8_E4M3 tensors\); the transformers "
                                               r"engine serves only unquantized.*MIXTRAL_ENGINE=vllm"):
         require_unquantized(inspect_checkpoint(mixtral_fp8), "transformers")
+    with pytest.raises(CheckpointError, match="the transformers engine serves only unquantized"):
+        TransformersEngine.load(inspect_checkpoint(mixtral_fp8), ServerConfig(engine="transformers"))
 
 
 def test_plan_command_says_how_many_rows_of_a_length_fit(mixtral: Path, mixtral_fp8: Path,
