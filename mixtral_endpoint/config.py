@@ -17,7 +17,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("auto", "bfloat16", "float16", "float32"),
     "device_map": ("auto", "cpu"),
     "engine": ("auto", "transformers", "vllm"),
+    "kv_cache_dtype": ("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
 }
+# vLLM's own engine settings: left at their defaults on our engine, or a start-up error names them.
+VLLM_ONLY = ("gpu_memory_utilization", "tensor_parallel_size", "max_num_batched_tokens", "kv_cache_dtype")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,9 +39,15 @@ class ServerConfig:
     max_prompts: int = 8  # text prompts in one request
     max_body_bytes: int = 1_048_576
     # Serving: continuous batching, backpressure and deadlines.
-    max_batch_size: int = 8  # rows generated together in one step
+    max_batch_size: int = 8  # rows generated together in one step (vLLM's max_num_seqs)
     max_queue: int = 16  # rows waiting for a place in the batch; past it, 429
     request_timeout_s: float = 170.0  # per-request deadline, below Azure's 180 s request_timeout_ms
+    # vLLM's engine (MIXTRAL_ENGINE=vllm); the checkpoint's own quantization config is read by vLLM.
+    gpu_memory_utilization: float = 0.0  # share of each GPU vLLM takes; 0: 0.9, or MIXTRAL_MAX_GPU_MEMORY's share
+    tensor_parallel_size: int = 0  # GPUs the weights are split over; 0: every visible GPU
+    enable_prefix_caching: bool = True  # reuse the cache of a prompt prefix seen before (a chat's history)
+    max_num_batched_tokens: int = 0  # tokens one step computes (chunked prefill); 0: vLLM's default
+    kv_cache_dtype: str = "auto"  # auto: the serving dtype; fp8 halves the cache per token
     # Logging.
     log_prompts: bool = False
 
@@ -49,11 +58,19 @@ class ServerConfig:
         for name in ("max_new_tokens", "max_prompts", "max_body_bytes", "max_batch_size", "max_queue"):
             if getattr(self, name) < 1:
                 _refuse(f"{_var(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("default_max_new_tokens", "max_total_tokens"):
+        for name in ("default_max_new_tokens", "max_total_tokens", "tensor_parallel_size", "max_num_batched_tokens"):
             if getattr(self, name) < 0:
                 _refuse(f"{_var(name)} must be >= 0, got {getattr(self, name)}")
         if not (0 < self.request_timeout_s < math.inf):  # also refuses nan, which every comparison fails
             _refuse(f"{_var('request_timeout_s')} must be a finite number > 0, got {self.request_timeout_s}")
+        if not (0 <= self.gpu_memory_utilization <= 1):
+            _refuse(f"{_var('gpu_memory_utilization')} must be in [0, 1], got {self.gpu_memory_utilization}")
+        if self.gpu_memory_utilization and self.max_gpu_memory:
+            _refuse(f"set {_var('gpu_memory_utilization')} or {_var('max_gpu_memory')}, not both: each sets the "
+                    "memory vLLM takes on each GPU")
+        if self.max_num_batched_tokens and self.max_num_batched_tokens < self.max_batch_size:
+            _refuse(f"{_var('max_num_batched_tokens')} ({self.max_num_batched_tokens}) is below "
+                    f"{_var('max_batch_size')} ({self.max_batch_size}): a step decodes a token for every row")
         if self.max_prompts > self.max_queue:
             _refuse(f"{_var('max_prompts')} ({self.max_prompts}) is above {_var('max_queue')} ({self.max_queue}): "
                     "such a request could never be queued")
@@ -79,6 +96,11 @@ class ServerConfig:
             except ValueError:
                 _refuse(f"{_var(f.name)} must be a {kind.__name__}, got {raw!r}")
         return cls(**values)
+
+    def vllm_settings(self) -> list[str]:
+        """The vLLM-only settings this config sets, by variable name."""
+        default = type(self)()
+        return [_var(name) for name in VLLM_ONLY if getattr(self, name) != getattr(default, name)]
 
     @property
     def limits(self) -> RequestLimits:

@@ -101,10 +101,29 @@ _DEVICE_LOST = ("illegal memory access", "device-side assert", "unspecified laun
                 "device lost", "CUDA error: misaligned address")
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """What an engine holds at once: the core's line hands it rows while both limits allow."""
+
+    rows: int  # rows stepped together (our batch; vLLM's max_num_seqs)
+    # vLLM's paged KV cache, in tokens: a row takes its prompt + max_new_tokens, in whole blocks. None: our
+    # engine, whose rows x context cache holds any row that fits the context.
+    kv_tokens: int | None = None
+    block_tokens: int = 1
+
+    def cost(self, row: Row) -> int:
+        """The cache tokens `row` may come to hold: its prompt and every token it may generate."""
+        if self.kv_tokens is None:
+            return 0
+        tokens = len(row.prompt) + row.settings.max_new_tokens
+        return -(-tokens // self.block_tokens) * self.block_tokens
+
+
 class Engine(Protocol):
     name: str
-    context_window: int
+    context_window: int  # prompt + new tokens of one row, at most
     eos_id: int
+    capacity: Capacity
     on_death: Callable[[BaseException], None] | None  # called on the engine thread if it dies
 
     @property

@@ -91,7 +91,8 @@ def kv_cache_dtype_bytes(kv_cache_dtype: str, dtype: str) -> int:
 
 
 def kv_budget(checkpoint: Checkpoint, devices: Devices, *, dtype: str, kv_cache_dtype: str = "auto",
-              row_tokens: int = TYPICAL_ROW_TOKENS, max_seqs: int = MAX_NUM_SEQS) -> KvBudget:
+              row_tokens: int = TYPICAL_ROW_TOKENS, max_seqs: int = MAX_NUM_SEQS,
+              max_tokens: int | None = None) -> KvBudget:
     """How many tokens of KV cache vLLM holds in the memory the weights leave. Pure: no device is touched.
 
     `devices.gpu_bytes` is the memory vLLM may take on each GPU (total x gpu_memory_utilization, or the
@@ -99,7 +100,8 @@ def kv_budget(checkpoint: Checkpoint, devices: Devices, *, dtype: str, kv_cache_
     every token's key/value heads (whole heads: past num_key_value_heads GPUs they are replicated), so
     the tightest GPU sets the budget after VLLM_HEADROOM_PER_GPU. On a CPU-only host the budget is
     what `cpu_bytes` leaves after the weights. `max_seqs` is capped by how many rows of `row_tokens`
-    (rounded up to whole blocks) the budget holds, and is at least 1 while any token fits.
+    (rounded up to whole blocks) the budget holds, and is at least 1 while any token fits. `max_tokens`
+    caps the cache (on CPU, where it would otherwise take every byte the weights leave).
     """
     config = checkpoint.config
     element = kv_cache_dtype_bytes(kv_cache_dtype, dtype)
@@ -114,7 +116,10 @@ def kv_budget(checkpoint: Checkpoint, devices: Devices, *, dtype: str, kv_cache_
         gpus = 1
         per_token = kv_cache_bytes(config, rows=1, tokens=1, dtype_bytes=element)
         room = devices.cpu_bytes - weights
-    tokens = max(room, 0) // per_token // KV_BLOCK_TOKENS * KV_BLOCK_TOKENS
+    tokens = max(room, 0) // per_token
+    if max_tokens is not None:
+        tokens = min(tokens, _whole_blocks(max_tokens))
+    tokens = tokens // KV_BLOCK_TOKENS * KV_BLOCK_TOKENS
     seqs = min(max_seqs, max(tokens // _whole_blocks(row_tokens), 1)) if tokens else 0
     return KvBudget(tokens=tokens, max_seqs=seqs, bytes=tokens * per_token * gpus)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import threading
 import time
 import uuid
 import weakref
@@ -33,6 +32,7 @@ from .errors import (
     PayloadTooLarge,
     ScoringError,
 )
+from .line import RETRY_AFTER_S, Line
 from .protocol import (
     Completion,
     ScoringRequest,
@@ -50,44 +50,22 @@ log = logging.getLogger(__name__)
 Body = dict[str, Any] | list[dict[str, Any]]
 _GRACE_S = 30.0  # past a row's deadline, a wait this much longer means the engine is stuck
 _CONTEXT_TOKENS = 8  # prompt tokens decoded before a completion, so its leading space survives
-_RETRY_AFTER_S = 2
-
-
-class Admission:
-    """The bounded line in front of either engine: rows generating or waiting, at most `limit`."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.in_flight = 0
-        self._lock = threading.Lock()
-
-    def take(self, rows: Sequence[Row]) -> None:
-        with self._lock:
-            if self.in_flight + len(rows) > self.limit:
-                raise Overloaded(f"the server is at capacity ({self.in_flight} rows generating or waiting); "
-                                 f"retry in {_RETRY_AFTER_S} s", retry_after=_RETRY_AFTER_S)
-            self.in_flight += len(rows)
-        for row in rows:
-            row.on_end = self._release
-
-    def _release(self, row: Row) -> None:
-        with self._lock:
-            self.in_flight -= 1
 
 
 class Stream(Iterator[str | Completion]):
     """A stream's new text, then its Completion. Closing it cancels its row, even before the first
     piece was asked for (a generator closed before it started would run none of its clean-up)."""
 
-    def __init__(self, pieces: Generator[str | Completion, None, None], row: Row) -> None:
+    def __init__(self, pieces: Generator[str | Completion, None, None], row: Row, line: Line) -> None:
         self._pieces = pieces
         self.row = row
+        self._line = line
 
     def __next__(self) -> str | Completion:
         return next(self._pieces)
 
     def close(self) -> None:
-        self.row.cancel()
+        self._line.cancel([self.row])
         self._pieces.close()
 
 
@@ -96,13 +74,15 @@ class Scorer:
         self.engine = engine
         self.tokenizer = tokenizer
         self.config = config
-        self.admission = Admission(config.max_batch_size + config.max_queue)
+        self.line = Line(engine, config.max_queue)
         # Closes the engine once: on close(), when the scorer is collected (a notebook or MLflow
         # loading the model again frees the last copy) or at interpreter exit, before torch is torn
         # down under the engine thread. It holds the engine, never the scorer.
         self._close = weakref.finalize(self, engine.close)
+        # The engine's window: the model's context, or on vLLM at most what its KV cache holds.
         window = engine.context_window
         self.max_total_tokens = min(config.max_total_tokens, window) if config.max_total_tokens else window
+        assert (engine.capacity.kv_tokens or window) >= window, "a row of the whole window must fit the cache"
 
     @classmethod
     def load(cls, checkpoint_dir: Path, config: ServerConfig) -> Scorer:
@@ -155,12 +135,12 @@ class Scorer:
         assert request.prompts is None or len(request.prompts) == 1, "a stream has one prompt"
         prompts = self._encode(request)
         rows, texts, sink = self._submit(request, prompts)
-        return Stream(self._stream(request_id, request, rows[0], texts[0], sink), rows[0])
+        return Stream(self._stream(request_id, request, rows[0], texts[0], sink), rows[0], self.line)
 
     def score_all(self, payloads: Sequence[Any]) -> list[Body]:
         """Scores every payload at once, so the engine batches them, and waits for all (MLflow
         predict, batch jobs): a full line is waited out, never refused. The first error raises."""
-        workers = min(len(payloads), self.config.max_batch_size + self.config.max_queue)
+        workers = min(len(payloads), self.line.limit)
         with ThreadPoolExecutor(max(workers, 1), thread_name_prefix="score-all") as pool:
             return list(pool.map(self.score_patiently, payloads))
 
@@ -200,9 +180,8 @@ class Scorer:
                 for p in prompts]
         texts = [Detokenizer(self.tokenizer.decode, eos_id=self.tokenizer.eos_id, stops=request.stop,
                              context=() if request.is_chat else p[-_CONTEXT_TOKENS:]) for p in prompts]
-        self.admission.take(rows)
         try:
-            self.engine.submit(rows)
+            self.line.take(rows)
         except BaseException:
             for row in rows:
                 row.finish("error")  # gives their places in the line back
@@ -227,11 +206,13 @@ class Scorer:
                     continue  # tokens the engine made before it saw our cancel
                 text = text_of[id(row)]
                 if token is None:
+                    if isinstance(row.error, ScoringError):  # the engine died before it took the row
+                        raise row.error
                     if row.error is not None:
                         log.error("request %s: generation failed", request_id, exc_info=row.error)
                         raise InternalError("generation failed; the server log has the details")
                     if row.finish_reason == "cancelled":
-                        raise ModelNotReady("the server is shutting down; retry shortly", retry_after=_RETRY_AFTER_S)
+                        raise ModelNotReady("the server is shutting down; retry shortly", retry_after=RETRY_AFTER_S)
                     if not row.each_token:
                         for t in row.tokens:  # final: the engine is done with the row
                             text.add(t)
@@ -240,12 +221,11 @@ class Scorer:
                 else:
                     text.add(token)
                     if text.stopped:
-                        row.cancel()
+                        self.line.cancel([row])
                         open_rows.discard(id(row))
                 yield text.take(final=id(row) not in open_rows)
         finally:
-            for row in rows:
-                row.cancel()  # a caller that went away, or a failed neighbour: stop at the next step
+            self.line.cancel(rows)  # a caller that went away, or a failed neighbour: stop at the next step
 
     def _stream(self, request_id: str, request: ScoringRequest, row: Row, text: Detokenizer,
                 sink: queue.SimpleQueue) -> Iterator[str | Completion]:

@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from .checkpoint import require_unquantized
-from .engine import EngineThread, Row, device_lost
+from .engine import Capacity, EngineThread, Row, device_lost
+from .errors import ConfigError
 from .placement import plan_placement
 from .stepper import Batch, Stepper
 
@@ -40,6 +41,7 @@ class TransformersEngine(EngineThread):
 
     def __init__(self, load: Callable[[], Stepper], *, max_batch: int, admit_after_s: float = 0.05) -> None:
         self.max_batch = max_batch
+        self.capacity = Capacity(rows=max_batch)  # its cache holds max_batch rows of the whole context
         self.admit_after_s = admit_after_s
         self._batch: Batch | None = None
         self._joining: list[Row] = []  # admitted, not yet in the batch
@@ -52,6 +54,9 @@ class TransformersEngine(EngineThread):
     @classmethod
     def load(cls, checkpoint: Checkpoint, config: ServerConfig) -> TransformersEngine:
         require_unquantized(checkpoint, cls.name)
+        if config.vllm_settings():
+            raise ConfigError(f"{', '.join(config.vllm_settings())}: vLLM's settings, but the engine is ours "
+                              "(MIXTRAL_ENGINE=transformers, or auto without a GPU); unset them or use vLLM")
         tokens = min(config.max_total_tokens or checkpoint.context_window, checkpoint.context_window)
         plan = plan_placement(checkpoint, config, rows=config.max_batch_size, tokens=tokens)
         return cls(lambda: Stepper.load(checkpoint, plan, offload_folder=config.offload_folder or None),

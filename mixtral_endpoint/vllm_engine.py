@@ -21,11 +21,12 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from .engine import EngineThread, Row
+from .engine import Capacity, EngineThread, Row
 from .errors import ConfigError, DoesNotFit, InternalError
-from .placement import plan_placement
+from .placement import VLLM_MEMORY_SHARE, kv_budget, serving_dtype, size, visible_devices
 from .sampling import SamplingSettings
 
 if TYPE_CHECKING:
@@ -48,48 +49,29 @@ _shared: dict[str, Any] = {}  # "key": the engine arguments, "engine", "users"
 class VllmEngine(EngineThread):
     name = "vllm"
 
-    def __init__(self, build: Callable[[], Any], *, eos_id: int, context_window: int, vocab_size: int) -> None:
+    def __init__(self, build: Callable[[], Any], *, eos_id: int, context_window: int, vocab_size: int,
+                 max_num_seqs: int) -> None:
         """Starts the engine thread, which calls `build` (an LLMEngine); returns once it has."""
         self.eos_id = eos_id
-        self.context_window = context_window
+        self.context_window = context_window  # vLLM's max_model_len
         self.vocab_size = vocab_size
         self._rows: dict[str, Row] = {}  # vLLM request id -> row; the engine thread's own
         self._ids = itertools.count()
 
         def load() -> None:
             self.llm = build()
+            # What vLLM allocated, which the core's line spends each row's prompt + max_new_tokens from.
+            cache = self.llm.vllm_config.cache_config
+            self.capacity = Capacity(rows=max_num_seqs, kv_tokens=cache.num_gpu_blocks * cache.block_size,
+                                     block_tokens=cache.block_size)
+            log.info("vLLM's KV cache: %d tokens in blocks of %d; up to %d rows at once",
+                     self.capacity.kv_tokens, cache.block_size, max_num_seqs)
 
         super().__init__(load, thread_name="mixtral-vllm")
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, config: ServerConfig) -> VllmEngine:
-        import torch
-
-        tokens = min(config.max_total_tokens or checkpoint.context_window, checkpoint.context_window)
-        plan = plan_placement(checkpoint, config, rows=config.max_batch_size, tokens=tokens)
-        if not plan.fits:
-            raise DoesNotFit(f"{checkpoint.path}: {plan.verdict}")
-        gpus = torch.cuda.device_count()
-        args: dict[str, Any] = {
-            "model": str(checkpoint.path),
-            "skip_tokenizer_init": True,  # token ids in, token ids out
-            "generation_config": "vllm",  # the request's settings, not the checkpoint's sampling defaults
-            "dtype": plan.dtype,
-            "max_model_len": tokens,
-            "max_num_seqs": config.max_batch_size,
-            "seed": 0,
-            "disable_log_stats": True,
-        }
-        if gpus:
-            args["tensor_parallel_size"] = gpus
-            if config.max_gpu_memory:
-                from accelerate.utils import convert_file_size_to_int
-
-                total = torch.cuda.get_device_properties(0).total_memory
-                args["gpu_memory_utilization"] = min(convert_file_size_to_int(config.max_gpu_memory) / total, 0.95)
-        else:
-            args["enforce_eager"] = True
-            args["kv_cache_memory_bytes"] = plan.kv_bytes  # the sizing plan's cache for batch x context
+        args, why = engine_args(checkpoint, config)
         # The same model: Spark and MLflow copy it to a new folder for each load, so compare what it holds.
         key = json.dumps({**args, "model": [checkpoint.config, checkpoint.stored_bytes]}, sort_keys=True)
         with _shared_lock:
@@ -102,9 +84,10 @@ class VllmEngine(EngineThread):
                                       "runs one engine per process")
                 _shared["users"] += 1
                 return _shared["engine"]
-            log.info("loading %s with vLLM: %s", checkpoint.path, plan.verdict)
+            log.info("loading %s with vLLM: %s", checkpoint.path, why)
             engine = cls(lambda: _build_llm_engine(args), eos_id=int(checkpoint.config["eos_token_id"]),
-                         context_window=checkpoint.context_window, vocab_size=int(checkpoint.config["vocab_size"]))
+                         context_window=args["max_model_len"], vocab_size=int(checkpoint.config["vocab_size"]),
+                         max_num_seqs=args["max_num_seqs"])
             _shared.update(key=key, engine=engine, users=1)
             return engine
 
@@ -193,6 +176,67 @@ class VllmEngine(EngineThread):
                     row.fail(InternalError(f"vLLM ended the row with {completion.finish_reason!r}"))
                 else:
                     row.finish(reason)
+
+
+def engine_args(checkpoint: Checkpoint, config: ServerConfig) -> tuple[dict[str, Any], str]:
+    """vLLM's EngineArgs from the typed config and the sizing plan, and a sentence on the cache.
+
+    The paged cache holds tokens, not rows: on GPU vLLM fills the memory it may take after the weights
+    (kv_budget estimates how much, before a byte is loaded); on CPU, where it would take all memory, it
+    gets room for MIXTRAL_MAX_BATCH_SIZE rows of the whole window. A cache that cannot hold one row of
+    MIXTRAL_MAX_TOTAL_TOKENS is a start-up error; left unset, the window shrinks to what the cache holds.
+    """
+    import torch
+
+    gpus = torch.cuda.device_count() if config.device_map != "cpu" else 0
+    share = config.gpu_memory_utilization or VLLM_MEMORY_SHARE
+    devices = visible_devices(config, memory_share=share)
+    tensor_parallel = config.tensor_parallel_size or max(gpus, 1)
+    if tensor_parallel > max(gpus, 1):
+        raise ConfigError(f"MIXTRAL_TENSOR_PARALLEL_SIZE is {tensor_parallel}, but {gpus} GPU(s) are visible")
+    devices = replace(devices, gpu_bytes=devices.gpu_bytes[:tensor_parallel])
+    dtype = serving_dtype(config, devices)
+    window = checkpoint.context_window
+    wanted = min(config.max_total_tokens or window, window)
+    budget = kv_budget(checkpoint, devices, dtype=dtype, kv_cache_dtype=config.kv_cache_dtype, row_tokens=wanted,
+                       max_seqs=config.max_batch_size,
+                       max_tokens=None if gpus else config.max_batch_size * wanted)
+    where = f"{tensor_parallel} GPU(s)" if gpus else "CPU memory"
+    if budget.tokens == 0:
+        raise DoesNotFit(f"{checkpoint.path}: does not fit: {size(checkpoint.bytes_as(dtype))} of weights leave no "
+                         f"room for a KV cache in {where}; use more or larger GPUs, or FP8 weights")
+    if budget.tokens < wanted:
+        if config.max_total_tokens:
+            raise ConfigError(f"MIXTRAL_MAX_TOTAL_TOKENS ({wanted}) is over the {budget.tokens} tokens vLLM's KV "
+                              f"cache holds in {where}: lower it, or make room (MIXTRAL_GPU_MEMORY_UTILIZATION, "
+                              "MIXTRAL_KV_CACHE_DTYPE=fp8, more GPUs)")
+        log.warning("vLLM's KV cache holds %d tokens, under the model's window of %d: a row is held to that",
+                    budget.tokens, window)
+        wanted = budget.tokens
+    args: dict[str, Any] = {
+        "model": str(checkpoint.path),
+        "skip_tokenizer_init": True,  # token ids in, token ids out
+        "generation_config": "vllm",  # the request's settings, not the checkpoint's sampling defaults
+        "dtype": dtype,
+        "max_model_len": wanted,
+        "max_num_seqs": config.max_batch_size,
+        "enable_prefix_caching": config.enable_prefix_caching,
+        "kv_cache_dtype": config.kv_cache_dtype,
+        "seed": 0,
+        "disable_log_stats": True,
+    }
+    if config.max_num_batched_tokens:
+        args["max_num_batched_tokens"] = config.max_num_batched_tokens
+    if gpus:
+        args["tensor_parallel_size"] = tensor_parallel
+        total = torch.cuda.get_device_properties(0).total_memory
+        args["gpu_memory_utilization"] = min(devices.gpu_bytes[0] / total, 0.95) if config.max_gpu_memory else share
+    else:
+        args["enforce_eager"] = True
+        args["kv_cache_memory_bytes"] = budget.bytes
+    why = (f"{size(checkpoint.bytes_as(dtype))} of weights; a KV cache of about {budget.tokens:,} tokens "
+           f"({size(budget.bytes)}) in {where}; rows of up to {wanted} tokens, {config.max_batch_size} at once")
+    return args, why
 
 
 def sampling_params(settings: SamplingSettings, eos_id: int) -> Any:

@@ -128,3 +128,20 @@ def any_server(request: pytest.FixtureRequest) -> tuple[str, Path]:
     if request.param == "transformers":
         return request.getfixturevalue("server"), request.getfixturevalue("server_log")
     return request.getfixturevalue("vllm_server"), request.getfixturevalue("vllm_server_log")
+
+
+@pytest.fixture(scope="session")
+def mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Mixtral-8x7B's real config and safetensors headers, without the data (test_sizing.py)."""
+    from .test_sizing import MIXTRAL_8X7B_CONFIG, write_header_only_checkpoint
+
+    return write_header_only_checkpoint(tmp_path_factory.mktemp("mixtral") / "Mixtral-8x7B", MIXTRAL_8X7B_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def mixtral_fp8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Its FP8 copy, laid out as neuralmagic/Mixtral-8x7B-Instruct-v0.1-FP8 is."""
+    from .test_sizing import MIXTRAL_FP8_CONFIG, fp8_tensors, write_header_only_checkpoint
+
+    return write_header_only_checkpoint(tmp_path_factory.mktemp("mixtral-fp8") / "Mixtral-8x7B-FP8",
+                                        MIXTRAL_FP8_CONFIG, shards=10, tensors=fp8_tensors(MIXTRAL_FP8_CONFIG))

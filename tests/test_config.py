@@ -50,6 +50,16 @@ def test_values_are_parsed_by_type():
     # Limits that contradict each other: every request relying on the default would be a 400.
     ({"MIXTRAL_MAX_TOTAL_TOKENS": "200"}, r"MIXTRAL_MAX_TOTAL_TOKENS \(200\) leaves no room .* \(256\)"),
     ({"MIXTRAL_MAX_TOTAL_TOKENS": "64", "MIXTRAL_MAX_NEW_TOKENS": "64"}, "MIXTRAL_MAX_TOTAL_TOKENS"),
+    # vLLM's settings.
+    ({"MIXTRAL_GPU_MEMORY_UTILIZATION": "1.5"}, r"MIXTRAL_GPU_MEMORY_UTILIZATION must be in \[0, 1\], got 1.5"),
+    ({"MIXTRAL_GPU_MEMORY_UTILIZATION": "nan"}, "MIXTRAL_GPU_MEMORY_UTILIZATION must be in"),
+    ({"MIXTRAL_GPU_MEMORY_UTILIZATION": "0.8", "MIXTRAL_MAX_GPU_MEMORY": "70GiB"},
+     "set MIXTRAL_GPU_MEMORY_UTILIZATION or MIXTRAL_MAX_GPU_MEMORY, not both"),
+    ({"MIXTRAL_MAX_BATCH_SIZE": "256", "MIXTRAL_MAX_NUM_BATCHED_TOKENS": "128"},
+     r"MIXTRAL_MAX_NUM_BATCHED_TOKENS \(128\) is below MIXTRAL_MAX_BATCH_SIZE \(256\)"),
+    ({"MIXTRAL_KV_CACHE_DTYPE": "int8"}, "MIXTRAL_KV_CACHE_DTYPE must be one of auto, fp8"),
+    ({"MIXTRAL_TENSOR_PARALLEL_SIZE": "-2"}, "MIXTRAL_TENSOR_PARALLEL_SIZE must be >= 0"),
+    ({"MIXTRAL_ENABLE_PREFIX_CACHING": "sometimes"}, "MIXTRAL_ENABLE_PREFIX_CACHING must be a bool"),
 ])
 def test_bad_values_name_the_variable(env: dict[str, str], words: str):
     with pytest.raises(ConfigError, match=words):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -97,6 +98,7 @@ class DyingLLM:
 
     def __init__(self) -> None:
         self.aborted: list[str] = []
+        self.vllm_config = SimpleNamespace(cache_config=SimpleNamespace(num_gpu_blocks=64, block_size=16))
 
     def add_request(self, request_id: str, prompt: dict, params: object) -> None:
         pass
@@ -109,7 +111,7 @@ class DyingLLM:
 
 
 def test_a_dead_vllm_engine_fails_every_row_and_refuses_new_ones():
-    engine = VllmEngine(DyingLLM, eos_id=2, context_window=512, vocab_size=32000)
+    engine = VllmEngine(DyingLLM, eos_id=2, context_window=512, vocab_size=32000, max_num_seqs=8)
     deaths: list[BaseException] = []
     engine.on_death = deaths.append
     rows = [Row([1, 2, 3], SamplingSettings(max_new_tokens=4)) for _ in range(3)]

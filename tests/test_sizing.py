@@ -13,8 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from accelerate.utils import convert_file_size_to_int
 
 from mixtral_endpoint.checkpoint import DTYPE_BYTES, MIXTRAL_8X7B_CONFIG, inspect_checkpoint, require_unquantized
 from mixtral_endpoint.cli import main
@@ -119,17 +117,6 @@ def write_header_only_checkpoint(out: Path, config: dict, shards: int = 19,
     return out
 
 
-@pytest.fixture(scope="module")
-def mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_header_only_checkpoint(tmp_path_factory.mktemp("mixtral") / "Mixtral-8x7B", MIXTRAL_8X7B_CONFIG)
-
-
-@pytest.fixture(scope="module")
-def mixtral_fp8(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_header_only_checkpoint(tmp_path_factory.mktemp("mixtral-fp8") / "Mixtral-8x7B-FP8",
-                                        MIXTRAL_FP8_CONFIG, shards=10, tensors=fp8_tensors(MIXTRAL_FP8_CONFIG))
-
-
 def test_sizes_come_from_headers_without_reading_weights(mixtral: Path):
     checkpoint = inspect_checkpoint(mixtral)
     assert checkpoint.parameters == MIXTRAL_PARAMETERS
@@ -159,16 +146,6 @@ def test_cpu_offload_makes_one_gpu_fit_with_modules_offloaded(mixtral: Path):
     result = plan(inspect_checkpoint(mixtral), Devices((80 * GIB,), cpu_bytes=200 * GIB), dtype="bfloat16", rows=8,
                   tokens=32768)
     assert result.fits and result.offloaded and "offloaded (slower)" in result.verdict
-
-
-def test_the_deployment_files_sku_fits_the_configured_batch(mixtral: Path):
-    deployment = yaml.safe_load((ROOT / "deployment.yml").read_text())
-    env = deployment["environment_variables"]
-    gpus, memory = SKUS[deployment["instance_type"]]
-    memory = min(memory, convert_file_size_to_int(env["MIXTRAL_MAX_GPU_MEMORY"]))  # the server's own cap
-    result = plan(inspect_checkpoint(mixtral), Devices((memory,) * gpus, 0), dtype="bfloat16",
-                  rows=int(env["MIXTRAL_MAX_BATCH_SIZE"]), tokens=32768)
-    assert result.fits and not result.offloaded, result.verdict
 
 
 def test_plan_command_prints_the_placement_and_exits_by_verdict(mixtral: Path):
