@@ -37,6 +37,13 @@ class Detokenizer:
             self._ids.append(token)
             self._decode_new(final=False)
 
+    def extend(self, tokens: Sequence[int]) -> None:
+        """A row's tokens all at once, where no stop string is watched for: decoded once, at `flush`
+        (per token, 256 rows of 128 tokens cost 0.2 s of the GIL at the step they all end)."""
+        assert not self._stops, "stop strings are watched for token by token"
+        self.tokens.extend(tokens)
+        self._ids.extend(t for t in tokens if t != self._eos_id)
+
     def flush(self) -> None:
         """The row has ended: decode what was waiting for more bytes."""
         if not self.stopped:

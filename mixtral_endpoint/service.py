@@ -214,8 +214,7 @@ class Scorer:
                     if row.finish_reason == "cancelled":
                         raise ModelNotReady("the server is shutting down; retry shortly", retry_after=RETRY_AFTER_S)
                     if not row.each_token:
-                        for t in row.tokens:  # final: the engine is done with the row
-                            text.add(t)
+                        text.extend(row.tokens)  # final: the engine is done with the row
                     text.flush()
                     open_rows.discard(id(row))
                 else:

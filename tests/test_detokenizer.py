@@ -29,6 +29,19 @@ def test_pieces_add_up_to_the_whole_decode(tokenizer: PromptTokenizer, text: str
     assert "".join(feed(detokenizer, ids)) == tokenizer.decode(ids) == detokenizer.text
 
 
+@pytest.mark.parametrize("text", TEXTS)
+def test_all_tokens_at_once_decode_as_token_by_token(tokenizer: PromptTokenizer, text: str):
+    prompt = tokenizer.encode_text("Once upon a time")
+    ids = [*tokenizer.encode_text(text)[1:], tokenizer.eos_id]
+    one_by_one = Detokenizer(tokenizer.decode, eos_id=tokenizer.eos_id, context=prompt[-8:])
+    feed(one_by_one, ids)
+    at_once = Detokenizer(tokenizer.decode, eos_id=tokenizer.eos_id, context=prompt[-8:])
+    at_once.extend(ids)
+    at_once.flush()
+    assert at_once.text == one_by_one.text and at_once.tokens == one_by_one.tokens == ids
+    assert at_once.take(final=True) == at_once.text
+
+
 def test_a_completion_keeps_its_leading_space_after_the_prompt(tokenizer: PromptTokenizer):
     prompt = tokenizer.encode_text("The capital of France")
     whole = tokenizer.encode_text("The capital of France is Paris")

@@ -1,0 +1,111 @@
+"""The door and core's ceiling: how much of a GPU engine's throughput reaches the callers.
+
+    .venv/bin/python bench/ceiling.py [--callers 64 256] [--requests 4] [--new-tokens 128]
+
+A real azmlinfsrv, under deployment.yml's own environment (its threads, batch, queue and vLLM
+settings), serves the embedded model on its vLLM engine, with vLLM's LLMEngine replaced by a
+stand-in that steps in 20 ms + 0.06 ms per row (a bf16 Mixtral decode step on one H200, reading all
+93 GB of weights; bench/simulated_vllm.py). N callers each send --requests /score requests of
+--new-tokens tokens back to back, streamed and not, from one asyncio client in this process.
+
+The baseline, measured in the same run: the stand-in stepped alone with N rows, as many steps as
+the callers' tokens take. Printed: the share of that throughput the callers got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from simulated_vllm import SimulatedLLM  # noqa: E402
+
+from mixtral_endpoint.localserver import LocalServer  # noqa: E402
+from mixtral_endpoint.packaging import package_model  # noqa: E402
+from mixtral_endpoint.tiny import build_tiny  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+STEP_MS, ROW_MS = 20.0, 0.06
+USAGE = re.compile(rb'"completion_tokens": (\d+)')
+
+
+async def call(port: int, body: bytes) -> int:
+    """One /score request over a fresh connection; the completion tokens its usage reports."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /score HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+    await writer.drain()
+    received = bytearray()
+    while chunk := await reader.read(65536):  # streamed events are read as they come
+        received += chunk
+    writer.close()
+    if not received.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(received[:300].decode(errors="replace"))
+    return int(USAGE.findall(bytes(received))[-1])
+
+
+async def crowd(port: int, callers: int, requests: int, new_tokens: int, stream: bool) -> tuple[int, float]:
+    body = json.dumps({"input_data": {"input_string": ["The capital of France is"]},
+                       "parameters": {"max_new_tokens": new_tokens, "ignore_eos": True, "stream": stream}}).encode()
+
+    async def caller() -> int:
+        return sum([await call(port, body) for _ in range(requests)])
+
+    start = time.perf_counter()
+    tokens = await asyncio.gather(*(caller() for _ in range(callers)))
+    return sum(tokens), time.perf_counter() - start
+
+
+def engine_alone(rows: int, steps: int) -> float:
+    """Tokens per second of the stand-in stepping `rows` rows with nothing in front of it."""
+    llm = SimulatedLLM({"max_num_seqs": rows, "max_model_len": 1}, step_s=STEP_MS / 1000, row_s=ROW_MS / 1000)
+    for i in range(rows):
+        llm.add_request(str(i), {}, SimpleNamespace(max_tokens=steps))
+    start = time.perf_counter()
+    for _ in range(steps):
+        llm.step()
+    return llm.tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--callers", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--requests", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    args = parser.parse_args()
+    deployment = yaml.safe_load((ROOT / "deployment.yml").read_text())
+    env = {k: str(v) for k, v in deployment["environment_variables"].items()}
+    env |= {"SIM_STEP_MS": str(STEP_MS), "SIM_ROW_MS": str(ROW_MS)}
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = package_model(build_tiny(Path(tmp) / "tiny-mixtral"), Path(tmp) / "model")
+        with LocalServer(model_dir, Path(tmp) / "server.log", env,
+                         entry_script=ROOT / "bench" / "entry" / "simulated_score.py") as server:
+            asyncio.run(crowd(server.port, 8, 1, 8, False))  # warm-up
+            for callers in args.callers:
+                rows = min(callers, int(env["MIXTRAL_MAX_BATCH_SIZE"]))
+                alone = engine_alone(rows, args.requests * args.new_tokens)
+                for stream in (False, True):
+                    tokens, seconds = asyncio.run(crowd(server.port, callers, args.requests, args.new_tokens, stream))
+                    results.append({"callers": callers, "stream": stream, "tokens": tokens,
+                                    "tokens_per_s": round(tokens / seconds, 1),
+                                    "engine_alone_tokens_per_s": round(alone, 1),
+                                    "share_of_engine": round(tokens / seconds / alone, 3)})
+                    print(json.dumps(results[-1]), flush=True)
+    print(json.dumps({"machine": "see README", "step_ms": STEP_MS, "row_ms": ROW_MS,
+                      "deployment": {k: env[k] for k in ("GUNICORN_CMD_ARGS", "MIXTRAL_MAX_BATCH_SIZE",
+                                                         "MIXTRAL_MAX_QUEUE")}, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
