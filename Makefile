@@ -41,6 +41,7 @@ test: lint
 # Benchmarks (not tests): ratios against baselines measured in the same run; figures go in the README.
 bench: install
 	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/ceiling.py
 	$(BIN)/python bench/batch.py
 	$(BIN)/python bench/engines.py --model tiny
 	$(BIN)/python bench/engines.py --model medium

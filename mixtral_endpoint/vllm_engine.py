@@ -196,6 +196,11 @@ def engine_args(checkpoint: Checkpoint, config: ServerConfig) -> tuple[dict[str,
         raise ConfigError(f"MIXTRAL_TENSOR_PARALLEL_SIZE is {tensor_parallel}, but {gpus} GPU(s) are visible")
     devices = replace(devices, gpu_bytes=devices.gpu_bytes[:tensor_parallel])
     dtype = serving_dtype(config, devices)
+    if checkpoint.quantization and dtype == "float32":  # FP8 kernels take 16-bit activations, on CPU too
+        if config.dtype != "auto":
+            raise ConfigError(f"MIXTRAL_DTYPE=float32, but {checkpoint.quantization} weights run with bfloat16 or "
+                              "float16 activations")
+        dtype = "bfloat16"
     window = checkpoint.context_window
     wanted = min(config.max_total_tokens or window, window)
     budget = kv_budget(checkpoint, devices, dtype=dtype, kv_cache_dtype=config.kv_cache_dtype, row_tokens=wanted,

@@ -115,3 +115,10 @@ def test_each_deployment_file_fills_its_gpus_with_rows_its_cache_holds(name: str
     devices = placement.visible_devices(ServerConfig.from_env(env), memory_share=got["gpu_memory_utilization"])
     budget = placement.kv_budget(checkpoint, devices, dtype="bfloat16", row_tokens=1500, max_seqs=10_000)
     assert budget.max_seqs >= got["max_num_seqs"], (budget, why)
+
+
+def test_fp8_weights_are_never_run_with_float32_activations(mixtral_fp8: Path):
+    """vLLM's FP8 kernels take 16-bit activations: auto picks bfloat16 even on CPU (the FP8 serving test runs
+    so), and asking for float32 is a start-up error rather than a failure at the first request."""
+    with pytest.raises(ConfigError, match="MIXTRAL_DTYPE=float32, but compressed-tensors weights run with bfloat16"):
+        args(mixtral_fp8, device_map="cpu", dtype="float32")
