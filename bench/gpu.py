@@ -3,11 +3,12 @@
     .venv/bin/python bench/gpu.py                  # on one 141 GB H200 (93 GB of weights)
     .venv/bin/python bench/gpu.py --config tiny    # the same script on a shrunken config (a CPU check)
 
-Tokens/s at batch 1, 8 and 32 (greedy, `ignore_eos`, --new-tokens each), next to the memory-bandwidth
-bound of batch 1 (2 bytes x 12.9 B active parameters per token). No 93 GB checkpoint is written
-(the device has 64 GiB of disk): our engine builds its random weights in GPU memory, and vLLM
-loads `load_format="dummy"` weights from a folder holding only config.json. Each side runs in its
-own process, one after the other: the two do not fit in one GPU together, and vLLM keeps its state
+Tokens/s at batch 1, 8, 32, 64 and 256 (greedy, `ignore_eos`, --new-tokens each), next to the
+memory-bandwidth bound of batch 1 (2 bytes x 12.9 B active parameters per token); and raw vLLM on FP8
+weights (compressed-tensors, as neuralmagic's Mixtral FP8 is laid out: the one-GPU path), dummy too.
+No 93 GB checkpoint is written (the device has 64 GiB of disk): our engine builds its random weights
+in GPU memory, and vLLM loads `load_format="dummy"` weights from a folder holding only config.json. Each side runs in
+its own process, one after the other: the two do not fit in one GPU together, and vLLM keeps its state
 per process. Our engine is measured with each experts kernel transformers has (`grouped_mm`,
 `batched_mm`), as the design brief asks.
 """
@@ -30,16 +31,30 @@ from mixtral_endpoint.sampling import SamplingSettings  # noqa: E402
 
 ACTIVE_PARAMETERS = 12.9e9  # Mixtral-8x7B, per token: 2 of 8 experts plus the shared layers
 H200_BANDWIDTH = 4.8e12  # bytes/s, the data sheet's HBM3e figure
-BATCHES = (1, 8, 32)
+BATCHES = (1, 8, 32, 64, 256)
 PROMPT_TOKENS = 128
 
 
-def config(kind: str) -> dict:
+# FP8 weights with a scale per output channel, static per-tensor FP8 activations; router and lm_head in bf16.
+FP8_QUANTIZATION = {
+    "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+    "ignore": ["lm_head", "re:.*block_sparse_moe.gate"],
+    "config_groups": {"group_0": {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel", "dynamic": False},
+        "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
+                              "dynamic": False},
+    }},
+}
+
+
+def config(kind: str, fp8: bool = False) -> dict:
     from mixtral_endpoint.checkpoint import MIXTRAL_8X7B_CONFIG
     from mixtral_endpoint.tiny import TINY_SIZES
 
     real = {k: v for k, v in MIXTRAL_8X7B_CONFIG.items() if k not in ("torch_dtype",)}
-    return real if kind == "mixtral" else {**real, **TINY_SIZES}
+    chosen = real if kind == "mixtral" else {**real, **TINY_SIZES}
+    return {**chosen, "quantization_config": FP8_QUANTIZATION} if fp8 else chosen
 
 
 def prompts(batch: int) -> list[list[int]]:
@@ -93,10 +108,10 @@ def run(engine: Engine, ids: list[list[int]], new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def vllm_args(kind: str, folder: Path) -> dict:
+def vllm_args(kind: str, folder: Path, fp8: bool = False) -> dict:
     import torch
 
-    (folder / "config.json").write_text(json.dumps(config(kind)))
+    (folder / "config.json").write_text(json.dumps(config(kind, fp8)))
     args = {"model": str(folder), "load_format": "dummy", "skip_tokenizer_init": True, "generation_config": "vllm",
             "dtype": "bfloat16", "max_model_len": 4096, "max_num_seqs": max(BATCHES), "seed": 0,
             "tensor_parallel_size": max(torch.cuda.device_count(), 1), "disable_log_stats": True}
@@ -105,12 +120,12 @@ def vllm_args(kind: str, folder: Path) -> dict:
     return args
 
 
-def raw_vllm(kind: str, new_tokens: int) -> dict[str, float]:
+def raw_vllm(kind: str, new_tokens: int, fp8: bool = False) -> dict[str, float]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
     with tempfile.TemporaryDirectory() as tmp:
-        llm = LLM(**vllm_args(kind, Path(tmp)))
+        llm = LLM(**vllm_args(kind, Path(tmp), fp8))
     results = {}
     for batch in BATCHES:
         params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
@@ -129,13 +144,14 @@ def vllm_engine(kind: str, new_tokens: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         args = vllm_args(kind, Path(tmp))
         engine = VllmEngine(lambda: _build_llm_engine(args), eos_id=2, context_window=args["max_model_len"],
-                            vocab_size=config(kind)["vocab_size"])
+                            vocab_size=config(kind)["vocab_size"], max_num_seqs=args["max_num_seqs"])
     return throughputs(engine, new_tokens)
 
 
 PHASES = {"ours-grouped_mm": lambda a: ours(a.config, a.new_tokens, "grouped_mm"),
           "ours-batched_mm": lambda a: ours(a.config, a.new_tokens, "batched_mm"),
           "raw-vllm": lambda a: raw_vllm(a.config, a.new_tokens),
+          "raw-vllm-fp8": lambda a: raw_vllm(a.config, a.new_tokens, fp8=True),
           "vllm-engine": lambda a: vllm_engine(a.config, a.new_tokens)}
 
 
