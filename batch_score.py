@@ -28,7 +28,7 @@ def init() -> None:
 
 def run(mini_batch: list[str]) -> list[str]:
     assert scorer is not None, "init() has not run"
-    scored = score_lines(scorer, read_lines(mini_batch), workers=default_workers(scorer.config))
+    scored = score_lines(scorer, read_lines(mini_batch), workers=default_workers(scorer))
     rows = [json.dumps(row, ensure_ascii=False) for row in scored]
     log.info("scored %d rows from %d files", len(rows), len(mini_batch))
     return rows

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ServerConfig
 from .errors import InvalidRequest, as_scoring_error
 from .protocol import parse_json
 from .service import Scorer
@@ -71,9 +70,9 @@ def score_line(scorer: Scorer, line: Line) -> dict[str, Any]:
     return row
 
 
-def default_workers(config: ServerConfig) -> int:
+def default_workers(scorer: Scorer) -> int:
     """Lines in flight: enough to fill the batch and the queue behind it."""
-    return config.max_batch_size + config.max_queue
+    return scorer.line.limit
 
 
 def score_lines(scorer: Scorer, lines: Iterable[Line], *, workers: int) -> Iterator[dict[str, Any]]:

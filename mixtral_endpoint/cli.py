@@ -143,7 +143,7 @@ def _batch(args: argparse.Namespace) -> int:
 
     config = ServerConfig.from_env(os.environ)
     scorer = load_scorer(args.model, config)
-    workers = args.workers or default_workers(config)
+    workers = args.workers or default_workers(scorer)
     summary = run_local(scorer, args.inputs, args.output, workers=workers, progress=not args.no_progress)
     print(json.dumps(summary))
     return 0

@@ -12,6 +12,8 @@ from .protocol import RequestLimits
 
 PREFIX = "MIXTRAL_"
 DEFAULT_MAX_NEW_TOKENS = 256  # a request's max_new_tokens when neither it nor the server sets one
+DEFAULT_BATCH_SIZE = 8  # rows stepped together on our engine, and on vLLM without a GPU, when none is set
+MAX_NUM_SEQS = 256  # the most rows vLLM steps at once when the plan chooses (its own default on an A100)
 # Settings that take one of a fixed set of values: anything else is a start-up error naming them.
 CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("auto", "bfloat16", "float16", "float32"),
@@ -39,7 +41,9 @@ class ServerConfig:
     max_prompts: int = 8  # text prompts in one request
     max_body_bytes: int = 1_048_576
     # Serving: continuous batching, backpressure and deadlines.
-    max_batch_size: int = 8  # rows generated together in one step (vLLM's max_num_seqs)
+    # Rows generated together in one step (vLLM's max_num_seqs); 0: DEFAULT_BATCH_SIZE, or on vLLM with GPUs
+    # the rows of a typical length its KV cache holds, at most MAX_NUM_SEQS.
+    max_batch_size: int = 0
     max_queue: int = 16  # rows waiting for a place in the batch; past it, 429
     request_timeout_s: float = 170.0  # per-request deadline, below Azure's 180 s request_timeout_ms
     # vLLM's engine (MIXTRAL_ENGINE=vllm); the checkpoint's own quantization config is read by vLLM.
@@ -55,10 +59,11 @@ class ServerConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 _refuse(f"{_var(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        for name in ("max_new_tokens", "max_prompts", "max_body_bytes", "max_batch_size", "max_queue"):
+        for name in ("max_new_tokens", "max_prompts", "max_body_bytes", "max_queue"):
             if getattr(self, name) < 1:
                 _refuse(f"{_var(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("default_max_new_tokens", "max_total_tokens", "tensor_parallel_size", "max_num_batched_tokens"):
+        for name in ("default_max_new_tokens", "max_total_tokens", "max_batch_size", "tensor_parallel_size",
+                     "max_num_batched_tokens"):
             if getattr(self, name) < 0:
                 _refuse(f"{_var(name)} must be >= 0, got {getattr(self, name)}")
         if not (0 < self.request_timeout_s < math.inf):  # also refuses nan, which every comparison fails
@@ -68,9 +73,10 @@ class ServerConfig:
         if self.gpu_memory_utilization and self.max_gpu_memory:
             _refuse(f"set {_var('gpu_memory_utilization')} or {_var('max_gpu_memory')}, not both: each sets the "
                     "memory vLLM takes on each GPU")
-        if self.max_num_batched_tokens and self.max_num_batched_tokens < self.max_batch_size:
+        if self.max_num_batched_tokens and self.max_num_batched_tokens < (self.max_batch_size or MAX_NUM_SEQS):
             _refuse(f"{_var('max_num_batched_tokens')} ({self.max_num_batched_tokens}) is below "
-                    f"{_var('max_batch_size')} ({self.max_batch_size}): a step decodes a token for every row")
+                    f"{_var('max_batch_size')} ({self.max_batch_size or MAX_NUM_SEQS}): a step decodes a token for "
+                    "every row")
         if self.max_prompts > self.max_queue:
             _refuse(f"{_var('max_prompts')} ({self.max_prompts}) is above {_var('max_queue')} ({self.max_queue}): "
                     "such a request could never be queued")

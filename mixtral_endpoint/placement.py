@@ -27,7 +27,7 @@ from accelerate.utils import convert_file_size_to_int, get_balanced_memory
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from .checkpoint import TARGET_BYTES, Checkpoint
-from .config import ServerConfig
+from .config import MAX_NUM_SEQS, ServerConfig
 
 GIB = 1024**3
 HEADROOM_PER_GPU = 2 * GIB  # CUDA context, activations and allocator slack
@@ -36,7 +36,6 @@ HEADROOM_PER_GPU = 2 * GIB  # CUDA context, activations and allocator slack
 VLLM_HEADROOM_PER_GPU = 4 * GIB
 VLLM_MEMORY_SHARE = 0.9  # vLLM's default gpu_memory_utilization: the share of each GPU it may take
 KV_BLOCK_TOKENS = 16  # vLLM's paged-cache block on GPU: a row holds whole blocks
-MAX_NUM_SEQS = 256  # sequences vLLM steps at once at most (its own default on an A100)
 TYPICAL_ROW_TOKENS = 1024  # prompt + max_new_tokens of a typical row, when choosing max_num_seqs
 KV_CACHE_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}  # vLLM's names
 

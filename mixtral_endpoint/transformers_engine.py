@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from .checkpoint import require_unquantized
+from .config import DEFAULT_BATCH_SIZE
 from .engine import Capacity, EngineThread, Row, device_lost
 from .errors import ConfigError
 from .placement import plan_placement
@@ -58,9 +59,10 @@ class TransformersEngine(EngineThread):
             raise ConfigError(f"{', '.join(config.vllm_settings())}: vLLM's settings, but the engine is ours "
                               "(MIXTRAL_ENGINE=transformers, or auto without a GPU); unset them or use vLLM")
         tokens = min(config.max_total_tokens or checkpoint.context_window, checkpoint.context_window)
-        plan = plan_placement(checkpoint, config, rows=config.max_batch_size, tokens=tokens)
+        rows = config.max_batch_size or DEFAULT_BATCH_SIZE
+        plan = plan_placement(checkpoint, config, rows=rows, tokens=tokens)
         return cls(lambda: Stepper.load(checkpoint, plan, offload_folder=config.offload_folder or None),
-                   max_batch=config.max_batch_size)
+                   max_batch=rows)
 
     @property
     def context_window(self) -> int:

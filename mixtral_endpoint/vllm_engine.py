@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from .config import DEFAULT_BATCH_SIZE, MAX_NUM_SEQS
 from .engine import Capacity, EngineThread, Row
 from .errors import ConfigError, DoesNotFit, InternalError
 from .placement import VLLM_MEMORY_SHARE, kv_budget, serving_dtype, size, visible_devices
@@ -203,9 +204,11 @@ def engine_args(checkpoint: Checkpoint, config: ServerConfig) -> tuple[dict[str,
         dtype = "bfloat16"
     window = checkpoint.context_window
     wanted = min(config.max_total_tokens or window, window)
-    budget = kv_budget(checkpoint, devices, dtype=dtype, kv_cache_dtype=config.kv_cache_dtype, row_tokens=wanted,
-                       max_seqs=config.max_batch_size,
-                       max_tokens=None if gpus else config.max_batch_size * wanted)
+    # Unset, the batch is the plan's on GPUs: rows of a typical length the cache holds, at most MAX_NUM_SEQS.
+    rows = config.max_batch_size or (0 if gpus else DEFAULT_BATCH_SIZE)
+    budget = kv_budget(checkpoint, devices, dtype=dtype, kv_cache_dtype=config.kv_cache_dtype,
+                       max_seqs=rows or MAX_NUM_SEQS, max_tokens=None if gpus else rows * wanted)
+    rows = rows or max(budget.max_seqs, 1)
     where = f"{tensor_parallel} GPU(s)" if gpus else "CPU memory"
     if budget.tokens == 0:
         raise DoesNotFit(f"{checkpoint.path}: does not fit: {size(checkpoint.bytes_as(dtype))} of weights leave no "
@@ -224,7 +227,7 @@ def engine_args(checkpoint: Checkpoint, config: ServerConfig) -> tuple[dict[str,
         "generation_config": "vllm",  # the request's settings, not the checkpoint's sampling defaults
         "dtype": dtype,
         "max_model_len": wanted,
-        "max_num_seqs": config.max_batch_size,
+        "max_num_seqs": rows,
         "enable_prefix_caching": config.enable_prefix_caching,
         "kv_cache_dtype": config.kv_cache_dtype,
         "seed": 0,
@@ -240,7 +243,7 @@ def engine_args(checkpoint: Checkpoint, config: ServerConfig) -> tuple[dict[str,
         args["enforce_eager"] = True
         args["kv_cache_memory_bytes"] = budget.bytes
     why = (f"{size(checkpoint.bytes_as(dtype))} of weights; a KV cache of about {budget.tokens:,} tokens "
-           f"({size(budget.bytes)}) in {where}; rows of up to {wanted} tokens, {config.max_batch_size} at once")
+           f"({size(budget.bytes)}) in {where}; rows of up to {wanted} tokens, {rows} at once")
     return args, why
 
 

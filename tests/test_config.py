@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_defaults_without_environment():
     config = ServerConfig.from_env({})
     assert config == ServerConfig()
-    assert (config.dtype, config.max_batch_size, config.max_queue, config.request_timeout_s) == ("auto", 8, 16, 170.0)
+    assert (config.dtype, config.max_batch_size, config.max_queue, config.request_timeout_s) == ("auto", 0, 16, 170.0)
 
 
 def test_values_are_parsed_by_type():

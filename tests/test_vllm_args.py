@@ -45,6 +45,17 @@ def test_deployment_yml_gives_vllm_a_batch_of_256_whole_contexts_over_two_a100s(
     assert 0.5 < got["gpu_memory_utilization"] <= 0.95 and "kv_cache_memory_bytes" not in got
 
 
+def test_unset_the_batch_is_the_plans_rows_of_1024_tokens_up_to_256(mixtral: Path, mixtral_fp8: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch):
+    gpus(monkeypatch, 2)
+    assert args(mixtral)["max_num_seqs"] == 256  # 2 x A100 hold about 390 such rows
+    gpus(monkeypatch, 1)
+    one = ServerConfig.from_env({"MIXTRAL_ENGINE": "vllm"})
+    budget = placement.kv_budget(inspect_checkpoint(mixtral_fp8), placement.visible_devices(one, memory_share=0.9),
+                                 dtype="bfloat16", max_seqs=10_000)
+    assert 128 < args(mixtral_fp8)["max_num_seqs"] == budget.tokens // 1024 < 256  # FP8 on one A100
+
+
 def test_vllm_settings_reach_its_engine_arguments(mixtral_fp8: Path, monkeypatch: pytest.MonkeyPatch):
     gpus(monkeypatch, 1)
     got = args(mixtral_fp8, gpu_memory_utilization="0.85", kv_cache_dtype="fp8", max_num_batched_tokens="8192",
@@ -86,6 +97,9 @@ def test_a_window_the_cache_cannot_hold_is_an_error_when_asked_for_and_shrinks_w
 
 
 def test_on_cpu_the_cache_is_the_batch_of_whole_windows(checkpoint):
+    unset = ServerConfig.from_env({"MIXTRAL_ENGINE": "vllm", "MIXTRAL_DEVICE_MAP": "cpu",
+                                   "MIXTRAL_MAX_TOTAL_TOKENS": "512"})
+    assert engine_args(checkpoint, unset)[0]["max_num_seqs"] == 8
     config = ServerConfig.from_env({"MIXTRAL_ENGINE": "vllm", "MIXTRAL_DEVICE_MAP": "cpu",
                                     "MIXTRAL_MAX_TOTAL_TOKENS": "512", "MIXTRAL_MAX_BATCH_SIZE": "4"})
     got, _ = engine_args(checkpoint, config)
