@@ -13,7 +13,7 @@ import flask
 from azureml_inference_server_http.api.aml_request import rawhttp
 from azureml_inference_server_http.api.aml_response import AMLResponse
 
-from mixtral_endpoint import openai_routes
+from mixtral_endpoint import openai_routes, score_api
 from mixtral_endpoint.config import ServerConfig
 from mixtral_endpoint.errors import InvalidRequest, ModelNotReady, ScoringError, as_scoring_error
 from mixtral_endpoint.pyfunc import load_scorer
@@ -55,7 +55,7 @@ def run(request: flask.Request) -> flask.Response:
             raise InvalidRequest("POST a JSON request to /score; see sample-request.json")
         request_id = flask.g.get("request_id") or request.headers.get("x-request-id")
         payload = scorer.read_json(request.stream, declared_length=request.content_length)
-        result = scorer.score(payload, request_id=request_id, stream_ok=True)
+        result = score_api.score(scorer, payload, request_id=request_id, stream_ok=True)
         if isinstance(result, dict | list):
             return AMLResponse(result, 200, json_str=True)
         # Server-sent events; X-Accel-Buffering asks proxies that honour it not to buffer the stream.

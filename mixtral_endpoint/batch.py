@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import score_api
 from .errors import InvalidRequest, as_scoring_error
 from .protocol import parse_json
 from .service import Scorer
@@ -63,7 +64,7 @@ def score_line(scorer: Scorer, line: Line) -> dict[str, Any]:
         payload = parse_json(line.text)
         if isinstance(payload, dict) and "id" in payload:
             row["id"] = payload.pop("id")
-        row["response"] = scorer.score_patiently(payload)
+        row["response"] = score_api.score_patiently(scorer, payload)
     except Exception as exc:
         error = as_scoring_error(exc, log, f"line {line.number} of {line.file}")
         row["error"] = {**error.body()["error"], "status": error.status}

@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import score_api
 from .config import ServerConfig
 from .errors import CheckpointError
 
@@ -98,7 +99,7 @@ def _sample_response(args: argparse.Namespace) -> int:
     from .pyfunc import load_scorer
 
     scorer = load_scorer(args.model, ServerConfig.from_env(os.environ))
-    response = scorer.score(json.loads(args.request.read_text()))
+    response = score_api.score(scorer, json.loads(args.request.read_text()))
     args.out.write_text(json.dumps(response, indent=2, ensure_ascii=False) + "\n")
     print(args.out)
     return 0

@@ -24,6 +24,7 @@ from mlflow.protos.databricks_pb2 import (
 )
 from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
+from . import score_api
 from .config import ServerConfig
 from .errors import CheckpointError, InvalidRequest, as_scoring_error
 from .parameters import PARAMETERS, Parameter
@@ -64,7 +65,7 @@ class MixtralModel(mlflow.pyfunc.PythonModel):
         parameters = {k: v for k, v in (params or {}).items() if v is not None}
         try:
             items = input_items(model_input)
-            results = self.scorer.score_all([
+            results = score_api.score_all(self.scorer, [
                 {"input_data": {"input_string": [item] if isinstance(item, str) else item}, "parameters": parameters}
                 for item in items])
             return [result[0] if isinstance(item, str) else result for item, result in zip(items, results, strict=True)]

@@ -1,8 +1,10 @@
-"""The one core every door calls: a request payload in, a response body (or event stream) out,
+"""The one core every door calls: a parsed request in, its completions (or a stream of its text) out,
 or a typed error.
 
-Everything above the engine interface lives here, so both engines answer alike: tokenization,
-the bounded queue (429), deadlines, stop strings and rendering.
+Everything between the doors and the engine interface lives here, so both engines answer alike:
+tokenization, the bounded line (line.py), deadlines, stop strings and the per-request log line. Each
+door parses its own API into a ScoringRequest and renders the Completions (score_api.py for /score,
+MLflow and batch jobs; openai_routes.py for the OpenAI routes).
 """
 
 from __future__ import annotations
@@ -11,10 +13,8 @@ import contextlib
 import logging
 import queue
 import time
-import uuid
 import weakref
 from collections.abc import Generator, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -26,9 +26,7 @@ from .engines import load_engine
 from .errors import (
     ContextLengthExceeded,
     InternalError,
-    InvalidRequest,
     ModelNotReady,
-    Overloaded,
     PayloadTooLarge,
     ScoringError,
 )
@@ -37,17 +35,11 @@ from .protocol import (
     Completion,
     ScoringRequest,
     parse_json,
-    parse_request,
-    render,
-    render_stream_delta,
-    render_stream_end,
-    render_stream_error,
 )
 from .tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
 
-Body = dict[str, Any] | list[dict[str, Any]]
 _GRACE_S = 30.0  # past a row's deadline, a wait this much longer means the engine is stuck
 _CONTEXT_TOKENS = 8  # prompt tokens decoded before a completion, so its leading space survives
 
@@ -106,17 +98,6 @@ class Scorer:
             raise _too_large(f"over {limit} bytes", limit)
         return parse_json(data)
 
-    def score(self, payload: Any, *, request_id: str | None = None, stream_ok: bool = False) -> Body | Iterator[str]:
-        """The /score answer to a payload: the response body, or, for `stream: true` where the door can
-        stream, an iterator of server-sent events."""
-        request = parse_request(payload, self.config.limits)
-        if request.stream and not stream_ok:
-            raise InvalidRequest("stream is served by the /score endpoint only", param="parameters.stream")
-        request_id = request_id or uuid.uuid4().hex
-        if request.stream:
-            return _server_sent_events(request, self.stream(request, request_id))
-        return render(request, self.complete(request, request_id))
-
     def complete(self, request: ScoringRequest, request_id: str) -> list[Completion]:
         """Generates for every prompt of a validated request and waits for all."""
         prompts = self._encode(request)
@@ -136,25 +117,6 @@ class Scorer:
         prompts = self._encode(request)
         rows, texts, sink = self._submit(request, prompts)
         return Stream(self._stream(request_id, request, rows[0], texts[0], sink), rows[0], self.line)
-
-    def score_all(self, payloads: Sequence[Any]) -> list[Body]:
-        """Scores every payload at once, so the engine batches them, and waits for all (MLflow
-        predict, batch jobs): a full line is waited out, never refused. The first error raises."""
-        workers = min(len(payloads), self.line.limit)
-        with ThreadPoolExecutor(max(workers, 1), thread_name_prefix="score-all") as pool:
-            return list(pool.map(self.score_patiently, payloads))
-
-    def score_patiently(self, payload: Any) -> Body | Iterator[str]:
-        """`score`, waiting for room in the line instead of raising Overloaded, but not for ever: a line
-        full for a whole request deadline means the engine is not moving."""
-        deadline = time.monotonic() + self.config.request_timeout_s
-        while True:
-            try:
-                return self.score(payload)
-            except Overloaded:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
 
     def _encode(self, request: ScoringRequest) -> list[list[int]]:
         if request.conversation is not None:
@@ -263,21 +225,6 @@ class Scorer:
             started - submitted, first - submitted, seconds, new_tokens / seconds if seconds > 0 else 0.0,
             max(r.peak_batch for r in rows), ",".join(c.finish_reason for c in completions), extra,
         )
-
-
-def _server_sent_events(request: ScoringRequest, events: Iterator[str | Completion]) -> Iterator[str]:
-    """/score's stream: text deltas, then finish reason and usage, then [DONE]; a failure midway ends
-    it with an error event (the status line has gone out already)."""
-    try:
-        with contextlib.closing(events):  # a caller that goes away cancels its row
-            for item in events:
-                if isinstance(item, str):
-                    if item:
-                        yield render_stream_delta(item)
-                else:
-                    yield render_stream_end(request, item)
-    except ScoringError as exc:
-        yield render_stream_error(exc.body())
 
 
 def _too_large(size: str, limit: int) -> PayloadTooLarge:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from mixtral_endpoint import score_api
 from mixtral_endpoint.batch import read_lines, score_lines
 
 from .conftest import ENGINES, SERVER_ENV
@@ -53,7 +54,7 @@ def test_every_line_gets_one_row_and_bad_lines_are_error_rows(any_scorer, inputs
         assert row["id"] == f"req-{i}"
         payload = request(i)
         del payload["id"]
-        assert row["response"] == scorer.score(payload)
+        assert row["response"] == score_api.score(scorer, payload)
     assert by_key[("mixed.jsonl", 2)]["error"]["message"].startswith("the request body is not valid JSON")
     assert by_key[("mixed.jsonl", 4)]["error"]["param"] == "input_data.input_string[0].role"
     assert by_key[("mixed.jsonl", 5)]["error"]["param"] == "parameters.max_new_tokens"
@@ -139,5 +140,5 @@ def test_the_batch_command_on_vllm_gives_our_engines_greedy_answers(mlflow_model
     assert done.returncode == 0, err[-3000:]
     assert "engine: vllm" in err
     rows = sorted((json.loads(line) for line in output.read_text().splitlines()), key=lambda r: r["line"])
-    assert [r["response"] for r in rows] == [scorer.score({k: v for k, v in request(i).items() if k != "id"})
+    assert [r["response"] for r in rows] == [score_api.score(scorer, {k: v for k, v in request(i).items() if k != "id"})
                                              for i in range(6)]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import GenerationConfig, MixtralForCausalLM
 
+from mixtral_endpoint import score_api
 from mixtral_endpoint.config import ServerConfig
 from mixtral_endpoint.engine import Row
 from mixtral_endpoint.engines import choose_engine
@@ -62,7 +63,7 @@ def test_vllm_greedy_tokens_equal_transformers_generate(vllm_scorer: Scorer, ref
         direct = reference_model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
                                         generation_config=GenerationConfig(max_new_tokens=24, do_sample=False,
                                                                            eos_token_id=2, pad_token_id=2))
-        (row,) = vllm_scorer.score(text(prompt, max_new_tokens=24))
+        (row,) = score_api.score(vllm_scorer, text(prompt, max_new_tokens=24))
         assert row["prompt_token_ids"] == ids
         assert row["token_ids"] == direct[0, len(ids):].tolist()
 
@@ -72,13 +73,13 @@ def test_vllm_greedy_tokens_equal_transformers_generate(vllm_scorer: Scorer, ref
                                          "repetition_penalty": 1.2}])
 def test_a_seeded_request_gives_the_same_sample_alone_and_in_a_crowd(any_scorer: Scorer, parameters: dict):
     seeded = text("Once upon a time", max_new_tokens=20, **parameters)
-    alone = any_scorer.score(seeded)
+    alone = score_api.score(any_scorer, seeded)
     crowd = [text(f"neighbour {i}", max_new_tokens=30, do_sample=True) for i in range(5)]
     answers: list[object] = []
-    threads = [threading.Thread(target=lambda p=p: answers.append(any_scorer.score(p))) for p in crowd]
+    threads = [threading.Thread(target=lambda p=p: answers.append(score_api.score(any_scorer, p))) for p in crowd]
     for thread in threads:
         thread.start()
-    assert any_scorer.score(seeded) == alone
+    assert score_api.score(any_scorer, seeded) == alone
     for thread in threads:
         thread.join(timeout=120)
     assert len(answers) == len(crowd)
@@ -154,7 +155,7 @@ def test_loads_of_the_same_model_in_one_process_share_the_vllm_engine(vllm_score
     assert again.engine is vllm_scorer.engine
     again.close()
     request = text("Once upon a time", max_new_tokens=4)
-    assert vllm_scorer.score(request)[0]["usage"]["completion_tokens"] == 4
+    assert score_api.score(vllm_scorer, request)[0]["usage"]["completion_tokens"] == 4
     other = replace(vllm_scorer.config, max_batch_size=2, max_queue=4, max_prompts=2)
     with pytest.raises(ConfigError, match="other settings"):
         Scorer.load(tiny_checkpoint, other)

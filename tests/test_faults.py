@@ -16,6 +16,7 @@ import flask
 import pytest
 import torch
 
+from mixtral_endpoint import score_api
 from mixtral_endpoint.errors import InternalError
 from mixtral_endpoint.localserver import LocalServer
 from mixtral_endpoint.packaging import package_model
@@ -83,24 +84,25 @@ def test_a_failure_in_generation_is_a_500_for_that_request_only(scorer: Scorer, 
 
     long_request = {"input_data": {"input_string": ["Once upon a time"]},
                     "parameters": {"max_new_tokens": 60, "ignore_eos": True}}
-    expected = scorer.score(long_request)
+    expected = score_api.score(scorer, long_request)
     answers: list[object] = []
     model.forward = faulty
     try:
-        neighbour = threading.Thread(target=lambda: answers.append(scorer.score(long_request)))
+        neighbour = threading.Thread(target=lambda: answers.append(score_api.score(scorer, long_request)))
         neighbour.start()
         deadline = time.monotonic() + 30
         while neighbour_first and scorer.engine.row_counts[0] == 0:
             assert time.monotonic() < deadline, "the neighbour never started generating"
             time.sleep(0.001)
         with pytest.raises(InternalError) as caught:
-            scorer.score({"input_data": {"input_string": ["trigger a fault"]}})
+            score_api.score(scorer, {"input_data": {"input_string": ["trigger a fault"]}})
         neighbour.join(timeout=120)
     finally:
         model.forward = forward
     assert caught.value.status == 500 and "CUDA" not in caught.value.message
     assert answers == [expected]  # the request generating alongside was not disturbed
-    assert scorer.score({"input_data": {"input_string": ["trigger a fault"]}, "parameters": {"max_new_tokens": 3}})
+    assert score_api.score(scorer, {"input_data": {"input_string": ["trigger a fault"]},
+                                    "parameters": {"max_new_tokens": 3}})
 
 
 def test_a_failed_decode_step_fails_every_request_in_its_batch_and_the_next_ones_are_served(scorer: Scorer):
@@ -122,10 +124,10 @@ def test_a_failed_decode_step_fails_every_request_in_its_batch_and_the_next_ones
     model.forward = faulty
     try:
         with pytest.raises(InternalError) as caught:
-            scorer.score(request)
+            score_api.score(scorer, request)
     finally:
         model.forward = forward
     assert caught.value.status == 500 and "CUDA" not in caught.value.message
     assert scorer.engine.row_counts == (0, 0)  # both rows left the engine
-    answer = scorer.score(request)
+    answer = score_api.score(scorer, request)
     assert [row["usage"]["completion_tokens"] for row in answer] == [40, 40]

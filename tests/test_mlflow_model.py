@@ -14,6 +14,7 @@ import pytest
 import yaml
 from mlflow.exceptions import MlflowException
 
+from mixtral_endpoint import score_api
 from mixtral_endpoint.config import ServerConfig
 from mixtral_endpoint.errors import CheckpointError
 from mixtral_endpoint.packaging import package_model
@@ -68,13 +69,13 @@ def test_predict_takes_the_servers_default_and_cap_for_max_new_tokens(
 def test_predict_matches_the_core_for_a_conversation(loaded: mlflow.pyfunc.PyFuncModel, scorer: Scorer):
     params = {"max_new_tokens": 10, "return_full_text": True}
     (result,) = loaded.predict({"input_string": CONVERSATION}, params=params)
-    assert result == scorer.score({"input_data": {"input_string": CONVERSATION}, "parameters": params})
+    assert result == score_api.score(scorer, {"input_data": {"input_string": CONVERSATION}, "parameters": params})
 
 
 def test_predict_scores_a_dataframe_row_by_row(loaded: mlflow.pyfunc.PyFuncModel, scorer: Scorer):
     frame = pd.DataFrame({"input_string": ["Once upon a time", "The capital of France is"]})
     results = loaded.predict(frame, params={"max_new_tokens": 6})
-    expected = [scorer.score({"input_data": {"input_string": [p]}, "parameters": {"max_new_tokens": 6}})[0]
+    expected = [score_api.score(scorer, {"input_data": {"input_string": [p]}, "parameters": {"max_new_tokens": 6}})[0]
                 for p in frame["input_string"]]
     assert results == expected
 
@@ -82,14 +83,14 @@ def test_predict_scores_a_dataframe_row_by_row(loaded: mlflow.pyfunc.PyFuncModel
 def test_predict_on_a_text_requests_input_data_is_the_score_answer(loaded: mlflow.pyfunc.PyFuncModel,
                                                                    scorer: Scorer):
     request = {"input_data": {"input_string": ["Once upon a time", "x"]}, "parameters": {"max_new_tokens": 5}}
-    assert loaded.predict(request["input_data"], params=request["parameters"]) == [scorer.score(request)]
+    assert loaded.predict(request["input_data"], params=request["parameters"]) == [score_api.score(scorer, request)]
 
 
 def test_predict_scores_one_conversation_per_dataframe_row(loaded: mlflow.pyfunc.PyFuncModel, scorer: Scorer):
     second = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     frame = pd.DataFrame({"input_string": [CONVERSATION, second]})
     results = loaded.predict(frame, params={"max_new_tokens": 4})
-    assert results == [scorer.score({"input_data": {"input_string": c}, "parameters": {"max_new_tokens": 4}})
+    assert results == [score_api.score(scorer, {"input_data": {"input_string": c}, "parameters": {"max_new_tokens": 4}})
                        for c in (CONVERSATION, second)]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from mixtral_endpoint import score_api
 from mixtral_endpoint.localserver import free_port
 
 from .conftest import ENGINES, SERVER_ENV
@@ -68,7 +69,7 @@ def test_inputs_and_params_body_gives_the_score_answer(mlflow_server: str, score
     assert response.status_code == 200, response.text
     request = {"input_data": {"input_string": CONVERSATION},
                "parameters": {"max_new_tokens": 6, "return_full_text": True}}
-    assert response.json() == {"predictions": [scorer.score(request)]}
+    assert response.json() == {"predictions": [score_api.score(scorer, request)]}
 
 
 def test_dataframe_split_scores_one_prompt_per_row(mlflow_server: str, scorer):
@@ -76,7 +77,7 @@ def test_dataframe_split_scores_one_prompt_per_row(mlflow_server: str, scorer):
     response = invoke(mlflow_server, {"dataframe_split": {"columns": ["input_string"], "data": [[p] for p in prompts]},
                                       "params": {"max_new_tokens": 5}})
     assert response.status_code == 200, response.text
-    expected = [scorer.score({"input_data": {"input_string": [p]}, "parameters": {"max_new_tokens": 5}})[0]
+    expected = [score_api.score(scorer, {"input_data": {"input_string": [p]}, "parameters": {"max_new_tokens": 5}})[0]
                 for p in prompts]
     assert response.json() == {"predictions": expected}
 

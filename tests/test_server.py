@@ -9,6 +9,7 @@ import pytest
 import requests
 from jsonschema import Draft202012Validator
 
+from mixtral_endpoint import score_api
 from mixtral_endpoint.localserver import LocalServer
 from mixtral_endpoint.protocol import load_schema
 
@@ -55,7 +56,7 @@ def test_text_prompts_over_http_match_the_core(server: str, scorer):
                "parameters": {"max_new_tokens": 8, "return_token_ids": True}}
     response = post(server, payload)
     assert response.status_code == 200
-    assert response.json() == scorer.score(payload)
+    assert response.json() == score_api.score(scorer, payload)
 
 
 BAD = [

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft202012Validator
 
+from mixtral_endpoint import score_api
 from mixtral_endpoint.errors import ContextLengthExceeded, InvalidRequest, PayloadTooLarge
 from mixtral_endpoint.protocol import Message, load_schema
 from mixtral_endpoint.service import Scorer
@@ -29,14 +30,14 @@ def chat(**parameters: object) -> dict:
 def test_sample_request_gets_a_valid_response(any_scorer: Scorer):
     payload = json.loads((ROOT / "sample-request.json").read_text())
     payload["parameters"]["max_new_tokens"] = 32  # the test server's cap is 64
-    body = any_scorer.score(payload)
+    body = score_api.score(any_scorer, payload)
     RESPONSE.validate(body)
     assert body["messages"][-1]["content"] == body["output"]
     assert body["usage"]["completion_tokens"] == 32 and body["finish_reason"] == "length"
 
 
 def test_chat_output_is_only_the_new_message(any_scorer: Scorer, tokenizer):
-    body = any_scorer.score(chat(max_new_tokens=12, return_token_ids=True))
+    body = score_api.score(any_scorer, chat(max_new_tokens=12, return_token_ids=True))
     RESPONSE.validate(body)
     assert "messages" not in body
     assert body["output"] == tokenizer.decode(body["token_ids"])
@@ -45,24 +46,25 @@ def test_chat_output_is_only_the_new_message(any_scorer: Scorer, tokenizer):
 
 
 def test_text_prompts_get_one_row_each_in_order(any_scorer: Scorer):
-    rows = any_scorer.score(text("Once upon a time", "The capital of France is", max_new_tokens=8))
+    rows = score_api.score(any_scorer, text("Once upon a time", "The capital of France is", max_new_tokens=8))
     RESPONSE.validate(rows)
     assert len(rows) == 2
-    singles = [any_scorer.score(text(p, max_new_tokens=8))[0] for p in ("Once upon a time", "The capital of France is")]
+    singles = [score_api.score(any_scorer, text(p, max_new_tokens=8))[0]
+               for p in ("Once upon a time", "The capital of France is")]
     assert rows == singles
 
 
 def test_return_full_text_for_text_prompts_is_prompt_plus_completion(any_scorer: Scorer):
-    plain = any_scorer.score(text("Once upon a time", max_new_tokens=8))[0]["0"]
-    full = any_scorer.score(text("Once upon a time", max_new_tokens=8, return_full_text=True))[0]["0"]
+    plain = score_api.score(any_scorer, text("Once upon a time", max_new_tokens=8))[0]["0"]
+    full = score_api.score(any_scorer, text("Once upon a time", max_new_tokens=8, return_full_text=True))[0]["0"]
     assert full == "Once upon a time" + plain
 
 
 def test_stop_string_cuts_before_the_stop_text(any_scorer: Scorer):
-    free = any_scorer.score(text("Once upon a time", max_new_tokens=24, return_token_ids=True))[0]
+    free = score_api.score(any_scorer, text("Once upon a time", max_new_tokens=24, return_token_ids=True))[0]
     words = free["0"].split()
     stop = words[2]
-    cut = any_scorer.score(text("Once upon a time", max_new_tokens=24, stop=stop, return_token_ids=True))[0]
+    cut = score_api.score(any_scorer, text("Once upon a time", max_new_tokens=24, stop=stop, return_token_ids=True))[0]
     assert cut["finish_reason"] == "stop"
     assert cut["0"] == free["0"][: free["0"].find(stop)]
     assert stop not in cut["0"]
@@ -71,26 +73,27 @@ def test_stop_string_cuts_before_the_stop_text(any_scorer: Scorer):
 
 
 def test_stop_strings_that_never_appear_change_nothing(any_scorer: Scorer):
-    free = any_scorer.score(text("Once upon a time", max_new_tokens=12))
-    assert any_scorer.score(text("Once upon a time", max_new_tokens=12, stop=["@@never@@", "##no##"])) == free
+    free = score_api.score(any_scorer, text("Once upon a time", max_new_tokens=12))
+    stops = ["@@never@@", "##no##"]
+    assert score_api.score(any_scorer, text("Once upon a time", max_new_tokens=12, stop=stops)) == free
 
 
 def test_seeded_sampling_is_reproducible_through_the_core(any_scorer: Scorer):
     request = chat(do_sample=True, temperature=0.8, top_p=0.9, top_k=50, seed=5, max_new_tokens=16)
-    assert any_scorer.score(request) == any_scorer.score(request)
+    assert score_api.score(any_scorer, request) == score_api.score(any_scorer, request)
 
 
 def test_prompt_plus_max_new_tokens_over_the_context_window(any_scorer: Scorer):
     # The test scorer's window is 512 tokens.
     with pytest.raises(ContextLengthExceeded) as caught:
-        any_scorer.score(text("short", "word " * 600, max_new_tokens=8))
+        score_api.score(any_scorer, text("short", "word " * 600, max_new_tokens=8))
     assert caught.value.param == "input_data.input_string[1]"
     assert "512" in caught.value.message and caught.value.status == 400
 
 
 def test_too_many_prompts_for_the_server_cap(any_scorer: Scorer):
     with pytest.raises(InvalidRequest, match="at most 4"):
-        any_scorer.score(text(*["hi"] * 5))
+        score_api.score(any_scorer, text(*["hi"] * 5))
 
 
 def test_oversized_body_is_refused_before_parsing(any_scorer: Scorer):
@@ -117,16 +120,16 @@ def test_a_body_is_never_read_past_the_cap_whatever_it_declares(any_scorer: Scor
 
 def test_stream_is_served_only_where_the_door_can_stream(any_scorer: Scorer):
     with pytest.raises(InvalidRequest, match="/score endpoint only") as caught:
-        any_scorer.score(text("hi", stream=True, max_new_tokens=2))
+        score_api.score(any_scorer, text("hi", stream=True, max_new_tokens=2))
     assert caught.value.param == "parameters.stream"
-    events = any_scorer.score(text("hi", stream=True, max_new_tokens=2), stream_ok=True)
+    events = score_api.score(any_scorer, text("hi", stream=True, max_new_tokens=2), stream_ok=True)
     assert "".join(events).endswith("data: [DONE]\n\n")
 
 
 def test_max_new_tokens_above_the_server_cap(any_scorer: Scorer):
     with pytest.raises(InvalidRequest, match="at most 64"):
-        any_scorer.score(text("hi", max_new_tokens=65))
+        score_api.score(any_scorer, text("hi", max_new_tokens=65))
 
 
 def test_default_max_new_tokens_comes_from_the_server(any_scorer: Scorer):
-    assert any_scorer.score(text("hi", ignore_eos=True))[0]["usage"]["completion_tokens"] == 16
+    assert score_api.score(any_scorer, text("hi", ignore_eos=True))[0]["usage"]["completion_tokens"] == 16

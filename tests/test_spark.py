@@ -14,6 +14,7 @@ import pytest
 from pyspark.sql import SparkSession
 from pyspark.sql.types import ArrayType, LongType, StringType, StructField, StructType
 
+from mixtral_endpoint import score_api
 from mixtral_endpoint.service import Scorer
 
 from .conftest import ENGINES
@@ -77,12 +78,12 @@ def score_column(spark: SparkSession, mlflow_model: Path, rows: list, column_typ
 def test_spark_udf_scores_text_prompts_as_score_does_in_row_order(spark: SparkSession, mlflow_model: Path,
                                                                   scorer: Scorer):
     results = score_column(spark, mlflow_model, PROMPTS, StringType(), TEXT_RESULT)
-    assert results == [scorer.score({"input_data": {"input_string": [p]}, "parameters": PARAMS})[0]
+    assert results == [score_api.score(scorer, {"input_data": {"input_string": [p]}, "parameters": PARAMS})[0]
                        for p in PROMPTS]
 
 
 def test_spark_udf_scores_one_conversation_per_row_from_an_array_of_structs(spark: SparkSession,
                                                                             mlflow_model: Path, scorer: Scorer):
     results = score_column(spark, mlflow_model, CONVERSATIONS, MESSAGES, CHAT_RESULT)
-    assert results == [scorer.score({"input_data": {"input_string": c}, "parameters": PARAMS})
+    assert results == [score_api.score(scorer, {"input_data": {"input_string": c}, "parameters": PARAMS})
                        for c in CONVERSATIONS]
