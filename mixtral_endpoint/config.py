@@ -11,6 +11,7 @@ from .errors import ConfigError
 from .protocol import RequestLimits
 
 PREFIX = "MIXTRAL_"
+MODEL_NAME = "mixtral-8x7b"  # the served model's name: the OpenAI routes' model id, the metrics' model_name
 DEFAULT_MAX_NEW_TOKENS = 256  # a request's max_new_tokens when neither it nor the server sets one
 DEFAULT_BATCH_SIZE = 8  # rows stepped together on our engine, and on vLLM without a GPU, when none is set
 MAX_NUM_SEQS = 256  # the most rows vLLM steps at once when the plan chooses (its own default on an A100)

@@ -51,9 +51,10 @@ class Row:
     finish_reason: str | None = None  # stop | length | time_limit | cancelled | error
     error: BaseException | None = None
     cancelled: bool = False
-    submitted_at: float = field(default_factory=time.monotonic)
+    submitted_at: float = field(default_factory=time.monotonic)  # when the caller asked: its wait in the line counts
     started_at: float | None = None
     first_token_at: float | None = None
+    last_token_at: float | None = None
     peak_batch: int = 0  # the most rows this one was generated together with (itself included)
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -68,6 +69,7 @@ class Row:
     def emit(self, token: int, now: float, batch: int) -> None:
         self.tokens.append(token)
         self.first_token_at = self.first_token_at or now
+        self.last_token_at = now
         self.peak_batch = max(self.peak_batch, batch)
         if self.sink is not None and self.each_token:
             self.sink.put((self, token))
@@ -184,9 +186,6 @@ class EngineThread:
                                     retry_after=RETRY_AFTER_DEATH_S)
             if self._closing:
                 raise ModelNotReady("the server is shutting down; retry shortly", retry_after=2)
-            now = time.monotonic()
-            for row in rows:
-                row.submitted_at = now
             self._inbox.extend(rows)
             self._wake.notify()
 

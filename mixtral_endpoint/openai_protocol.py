@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .config import MODEL_NAME
 from .errors import InvalidRequest, ScoringError
 from .parameters import PARAMETERS
 from .protocol import Completion, RequestLimits, ScoringRequest, parse_request
 
-MODEL_NAME = "mixtral-8x7b"
 MODEL_INFO = {"model_name": MODEL_NAME, "model_type": "chat-completion", "model_provider_name": "Mistral AI"}
 Route = Literal["chat", "completions"]
 

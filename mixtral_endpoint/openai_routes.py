@@ -17,6 +17,7 @@ import flask
 
 from . import openai_protocol as openai
 from .errors import ModelNotReady, ScoringError, as_scoring_error
+from .metrics import CONTENT_TYPE
 from .protocol import Completion
 from .service import Scorer
 
@@ -34,6 +35,8 @@ def register(blueprint: flask.Blueprint, scorer: Callable[[], Scorer | None]) ->
                                lambda route=route: _completion(route, scorer()), methods=["POST"])
     blueprint.add_url_rule("/v1/models", "openai_models", lambda: _json(openai.models()), methods=["GET"])
     blueprint.add_url_rule("/info", "azure_model_info", lambda: _json(openai.MODEL_INFO), methods=["GET"])
+    # Prometheus's scrape, beside them: vLLM's metric names, from the core (metrics.py).
+    blueprint.add_url_rule("/metrics", "prometheus_metrics", lambda: _metrics(scorer()), methods=["GET"])
 
 
 def _completion(route: openai.Route, scorer: Scorer | None) -> flask.Response:
@@ -70,6 +73,12 @@ def _events(parsed: openai.OpenAIRequest, events: Iterator[str | Completion], re
                     yield openai.render_stream_end(parsed, request_id, item)
     except ScoringError as exc:
         yield openai.render_stream_error(exc)
+
+
+def _metrics(scorer: Scorer | None) -> flask.Response:
+    if scorer is None:
+        return _json(openai.error_body(ModelNotReady("the model is still loading")), 503)
+    return flask.Response(scorer.metrics.exposition(), content_type=CONTENT_TYPE)
 
 
 def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> flask.Response:

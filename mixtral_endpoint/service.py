@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .checkpoint import inspect_checkpoint
-from .config import ServerConfig
+from .config import MODEL_NAME, ServerConfig
 from .detokenizer import Detokenizer
 from .engine import Engine, Row
 from .engines import load_engine
@@ -31,6 +31,7 @@ from .errors import (
     ScoringError,
 )
 from .line import RETRY_AFTER_S, Line
+from .metrics import Metrics
 from .protocol import (
     Completion,
     ScoringRequest,
@@ -75,6 +76,7 @@ class Scorer:
         window = engine.context_window
         self.max_total_tokens = min(config.max_total_tokens, window) if config.max_total_tokens else window
         assert (engine.capacity.kv_tokens or window) >= window, "a row of the whole window must fit the cache"
+        self.metrics = Metrics(self.line, model_name=MODEL_NAME, max_model_len=self.max_total_tokens)
 
     @classmethod
     def load(cls, checkpoint_dir: Path, config: ServerConfig) -> Scorer:
@@ -198,6 +200,7 @@ class Scorer:
             log.info("request=%s engine=%s cancelled: the caller went away; generation stopped after %d tokens "
                      "(max_new_tokens %d)", request_id, self.engine.name, len(row.tokens),
                      request.settings.max_new_tokens)
+            self.metrics.record([row], [len(row.tokens)], ["abort"], time.monotonic())
             raise
         completion = self._complete(row, text)
         self._log(request_id, request, [row], [completion])
@@ -215,7 +218,10 @@ class Scorer:
         submitted = min(r.submitted_at for r in rows)
         started = max(r.started_at or submitted for r in rows)
         first = min(r.first_token_at or started for r in rows)
-        seconds = time.monotonic() - submitted
+        now = time.monotonic()
+        seconds = now - submitted
+        self.metrics.record(rows, [len(c.token_ids) for c in completions], [c.finish_reason for c in completions],
+                            now)
         new_tokens = sum(len(c.token_ids) for c in completions)
         extra = f" prompt={request.conversation or request.prompts!r}" if self.config.log_prompts else ""
         log.info(

@@ -1,0 +1,59 @@
+"""GET /metrics on a real azmlinfsrv, on each engine: vLLM's names, types and labels, read with prometheus_client's
+own parser, and counts that equal what the responses reported."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+PROMPTS = ["Once upon a time", "The capital of France is", "In 1969, the first", "Mixture of experts models",
+           "def fibonacci(n):", "Dear hiring manager,"]
+LABELS = {"model_name": "mixtral-8x7b", "engine": "0"}
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    response = requests.get(url + "/metrics", timeout=30)
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict, name: str, **extra: str) -> float:
+    return samples.get((name, tuple(sorted({**LABELS, **extra}.items()))), 0.0)
+
+
+def test_metrics_count_what_the_responses_reported(any_server):
+    url, _ = any_server
+    before = scrape(url)
+
+    def post(i: int) -> dict:
+        body = {"input_data": {"input_string": [PROMPTS[i % len(PROMPTS)]]},
+                "parameters": {"max_new_tokens": 4 + i, "ignore_eos": True}}
+        response = requests.post(url + "/score", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        return response.json()[0]["usage"]
+
+    with ThreadPoolExecutor(6) as pool:
+        usages = list(pool.map(post, range(6)))
+    after = scrape(url)
+
+    def grew(name: str, **extra: str) -> float:
+        return value(after, name, **extra) - value(before, name, **extra)
+
+    assert grew("vllm:prompt_tokens_total") == sum(u["prompt_tokens"] for u in usages)
+    assert grew("vllm:generation_tokens_total") == sum(u["completion_tokens"] for u in usages) == sum(range(4, 10))
+    assert grew("vllm:request_success_total", finished_reason="length") == 6
+    for histogram in ("vllm:request_prompt_tokens", "vllm:request_generation_tokens",
+                      "vllm:e2e_request_latency_seconds", "vllm:time_to_first_token_seconds",
+                      "vllm:request_queue_time_seconds"):
+        assert grew(f"{histogram}_count") == 6, histogram
+    assert grew("vllm:request_generation_tokens_sum") == sum(range(4, 10))
+    assert grew("vllm:inter_token_latency_seconds_count") == sum(range(3, 9))  # a gap between each two tokens
+    assert grew("vllm:request_generation_tokens_bucket", le="5.0") == 2  # 4 and 5 tokens; vLLM's 1-2-5 buckets
+    assert value(after, "vllm:num_requests_running") == value(after, "vllm:num_requests_waiting") == 0
+    assert value(after, "vllm:kv_cache_usage_perc") == 0
