@@ -35,26 +35,13 @@ BATCHES = (1, 8, 32, 64, 256)
 PROMPT_TOKENS = 128
 
 
-# FP8 weights with a scale per output channel, static per-tensor FP8 activations; router and lm_head in bf16.
-FP8_QUANTIZATION = {
-    "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
-    "ignore": ["lm_head", "re:.*block_sparse_moe.gate"],
-    "config_groups": {"group_0": {
-        "targets": ["Linear"],
-        "weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel", "dynamic": False},
-        "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
-                              "dynamic": False},
-    }},
-}
-
-
 def config(kind: str, fp8: bool = False) -> dict:
-    from mixtral_endpoint.checkpoint import MIXTRAL_8X7B_CONFIG
+    from mixtral_endpoint.checkpoint import MIXTRAL_8X7B_CONFIG, MIXTRAL_FP8_QUANTIZATION_CONFIG
     from mixtral_endpoint.tiny import TINY_SIZES
 
     real = {k: v for k, v in MIXTRAL_8X7B_CONFIG.items() if k not in ("torch_dtype",)}
     chosen = real if kind == "mixtral" else {**real, **TINY_SIZES}
-    return {**chosen, "quantization_config": FP8_QUANTIZATION} if fp8 else chosen
+    return {**chosen, "quantization_config": MIXTRAL_FP8_QUANTIZATION_CONFIG} if fp8 else chosen
 
 
 def prompts(batch: int) -> list[list[int]]:

@@ -44,6 +44,22 @@ MIXTRAL_8X7B_CONFIG: dict[str, Any] = {
     "torch_dtype": "bfloat16",
 }
 
+# neuralmagic/Mixtral-8x7B-Instruct-v0.1-FP8's quantization_config, as compressed-tensors writes it (FP8 weights
+# with a scale per output channel, static per-tensor FP8 activations; the router and lm_head stay BF16): the
+# layout the one-GPU deployments name, for sizing tests and benchmarks.
+MIXTRAL_FP8_QUANTIZATION_CONFIG: dict[str, Any] = {
+    "quant_method": "compressed-tensors",
+    "format": "float-quantized",
+    "quantization_status": "compressed",
+    "ignore": ["lm_head", "re:.*block_sparse_moe.gate"],
+    "config_groups": {"group_0": {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel", "dynamic": False},
+        "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
+                              "dynamic": False},
+    }},
+}
+
 # Every dtype name safetensors writes in a header (safetensors.torch._TYPES), and its width.
 DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
                "U16": 2, "U8": 1, "BOOL": 1, "C64": 8, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1}

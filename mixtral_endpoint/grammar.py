@@ -38,10 +38,9 @@ class Grammars:
     """Compiles constraints for one tokenizer, each once."""
 
     def __init__(self, tokenizer: PromptTokenizer) -> None:
-        sp = tokenizer._sp
-        pieces = [sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
-        info = xgrammar.TokenizerInfo(pieces, xgrammar.VocabType.BYTE_FALLBACK, vocab_size=tokenizer.vocab_size,
-                                      stop_token_ids=[tokenizer.eos_id], add_prefix_space=True)
+        info = xgrammar.TokenizerInfo(tokenizer.pieces(), xgrammar.VocabType.BYTE_FALLBACK,
+                                      vocab_size=tokenizer.vocab_size, stop_token_ids=[tokenizer.eos_id],
+                                      add_prefix_space=True)
         self.vocab_size = tokenizer.vocab_size
         self._compiler = xgrammar.GrammarCompiler(info, max_threads=1)
         self._compiled: dict[Constraint, xgrammar.CompiledGrammar] = {}

@@ -45,5 +45,9 @@ class PromptTokenizer:
     def encode_text(self, text: str) -> list[int]:
         return self._sp.encode(text, bos=True, eos=False)
 
+    def pieces(self) -> list[str]:
+        """Every token's SentencePiece piece, by id (byte-fallback pieces as `<0xNN>`): what xgrammar reads."""
+        return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._sp.decode([t for t in token_ids if t != self.eos_id])

@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .test_sizing import FP8_LINEARS, FP8_QUANTIZATION_CONFIG
+from mixtral_endpoint.checkpoint import MIXTRAL_FP8_QUANTIZATION_CONFIG
+
+from .test_sizing import FP8_LINEARS
 
 BLOCK = 128
-QUANTIZATION_CONFIG = {**FP8_QUANTIZATION_CONFIG, "config_groups": {"group_0": {
+QUANTIZATION_CONFIG = {**MIXTRAL_FP8_QUANTIZATION_CONFIG, "config_groups": {"group_0": {
     "targets": ["Linear"],
     "weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "block",
                 "block_structure": [BLOCK, BLOCK], "dynamic": False},

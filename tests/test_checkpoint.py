@@ -9,13 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from mixtral_endpoint.checkpoint import MIXTRAL_8X7B_CONFIG, inspect_checkpoint, require_unquantized
+from mixtral_endpoint.checkpoint import (
+    MIXTRAL_8X7B_CONFIG,
+    MIXTRAL_FP8_QUANTIZATION_CONFIG,
+    inspect_checkpoint,
+    require_unquantized,
+)
 from mixtral_endpoint.errors import CheckpointError, DoesNotFit
 from mixtral_endpoint.placement import GIB, Devices, plan
 from mixtral_endpoint.stepper import Stepper
 from mixtral_endpoint.tiny import build_tiny, tiny_config
 
-from .test_sizing import FP8_QUANTIZATION_CONFIG, fp8_tensors, write_header_only_checkpoint
+from .test_sizing import fp8_tensors, write_header_only_checkpoint
 
 # Mixtral's layout at a few megabytes: every tensor the real FP8 checkpoint has, small.
 SMALL = {**MIXTRAL_8X7B_CONFIG, "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
@@ -113,7 +118,7 @@ def small_fp8(out: Path, *, config: dict | None = None, drop: str = "", dtype: s
     tensors.pop(drop, None)
     if dtype:
         tensors = {n: (dtype if d == "F8_E4M3" else d, s) for n, (d, s) in tensors.items()}
-    return write_header_only_checkpoint(out, {**SMALL, "quantization_config": FP8_QUANTIZATION_CONFIG}
+    return write_header_only_checkpoint(out, {**SMALL, "quantization_config": MIXTRAL_FP8_QUANTIZATION_CONFIG}
                                         if config is None else config, shards=3, tensors=tensors)
 
 
@@ -143,7 +148,7 @@ def test_an_fp8_weight_without_its_scale_is_refused_naming_both(tmp_path: Path):
 
 
 def test_a_quantization_config_without_its_method_is_refused(tmp_path: Path):
-    config = {**SMALL, "quantization_config": {k: v for k, v in FP8_QUANTIZATION_CONFIG.items()
+    config = {**SMALL, "quantization_config": {k: v for k, v in MIXTRAL_FP8_QUANTIZATION_CONFIG.items()
                                                if k != "quant_method"}}
     with pytest.raises(CheckpointError, match="config.json: quantization_config has no quant_method"):
         inspect_checkpoint(small_fp8(tmp_path / "fp8", config=config))

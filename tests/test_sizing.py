@@ -14,7 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from mixtral_endpoint.checkpoint import DTYPE_BYTES, MIXTRAL_8X7B_CONFIG, inspect_checkpoint, require_unquantized
+from mixtral_endpoint.checkpoint import (
+    DTYPE_BYTES,
+    MIXTRAL_8X7B_CONFIG,
+    MIXTRAL_FP8_QUANTIZATION_CONFIG,
+    inspect_checkpoint,
+    require_unquantized,
+)
 from mixtral_endpoint.cli import main
 from mixtral_endpoint.config import ServerConfig
 from mixtral_endpoint.errors import CheckpointError
@@ -41,21 +47,7 @@ SKUS = {"Standard_NC24ads_A100_v4": (1, 80 * GIB), "Standard_NC48ads_A100_v4": (
 # The linear layers neuralmagic's FP8 Mixtral quantizes: attention projections and every expert's w1, w2, w3.
 # Embeddings, norms, the router (block_sparse_moe.gate) and lm_head stay BF16.
 FP8_LINEARS = ("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight")
-# config.json's quantization_config, as compressed-tensors writes it (FP8 weights with a scale per output
-# channel, static per-tensor FP8 activations), ignoring what llm-compressor's Mixtral recipe leaves in BF16.
-FP8_QUANTIZATION_CONFIG = {
-    "quant_method": "compressed-tensors",
-    "format": "float-quantized",
-    "quantization_status": "compressed",
-    "ignore": ["lm_head", "re:.*block_sparse_moe.gate"],
-    "config_groups": {"group_0": {
-        "targets": ["Linear"],
-        "weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel", "dynamic": False},
-        "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
-                              "dynamic": False},
-    }},
-}
-MIXTRAL_FP8_CONFIG = {**MIXTRAL_8X7B_CONFIG, "quantization_config": FP8_QUANTIZATION_CONFIG}
+MIXTRAL_FP8_CONFIG = {**MIXTRAL_8X7B_CONFIG, "quantization_config": MIXTRAL_FP8_QUANTIZATION_CONFIG}
 # Stored bytes of that FP8 copy: 45.10 GB of FP8 experts, 1.34 GB of FP8 attention, 34.9 MB of F32 scales and
 # 0.53 GB of BF16 embeddings, lm_head, router and norms.
 MIXTRAL_FP8_BYTES = 47_001_120_256
@@ -162,7 +154,7 @@ def test_plan_command_prints_the_placement_and_exits_by_verdict(mixtral: Path):
 def test_the_fp8_quantization_config_is_one_compressed_tensors_reads():
     from compressed_tensors.quantization import QuantizationConfig
 
-    parsed = QuantizationConfig.model_validate(FP8_QUANTIZATION_CONFIG)
+    parsed = QuantizationConfig.model_validate(MIXTRAL_FP8_QUANTIZATION_CONFIG)
     weights = parsed.config_groups["group_0"].weights
     assert (weights.type, weights.num_bits, weights.strategy) == ("float", 8, "channel")
 
