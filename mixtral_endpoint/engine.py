@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from .errors import ModelNotReady
 from .sampling import Generation, SamplingSettings
@@ -47,6 +47,10 @@ class Row:
     # scoring with 24 callers ran at 0.47x the throughput of waking them once per row).
     each_token: bool = True
     on_end: Callable[[Row], None] | None = None  # the core's admission count, released once
+    # settings.constraint compiled for our engine's vocabulary (an xgrammar CompiledGrammar), by the core's
+    # cache; vLLM compiles the constraint itself. Our engine keeps the row's matcher of it in `matcher`.
+    grammar: Any = None
+    matcher: Any = None
     tokens: list[int] = field(default_factory=list)  # written by the engine thread only
     finish_reason: str | None = None  # stop | length | time_limit | cancelled | error
     error: BaseException | None = None

@@ -1,37 +1,48 @@
-"""Grammar-constrained decoding with xgrammar, against the v1 SentencePiece vocabulary (issue 17).
+"""Grammar-constrained decoding with xgrammar, against the v1 SentencePiece vocabulary.
 
-A Constraint (a JSON schema, any JSON object, a regex, or a choice among strings) compiles once per
-tokenizer into a grammar (cached by the constraint); each row then gets its own matcher, which gives
-the tokens allowed next as a bitmask over the vocabulary and says when the grammar has ended.
+A Constraint (constraints.py) becomes one xgrammar Grammar, the same for both engines: our engine
+compiles it here (once per constraint, cached) and gives each row its own matcher, whose bitmask of
+allowed tokens the sampler applies and which says when the grammar has ended; vLLM gets the same
+grammar as EBNF text and compiles it with its own xgrammar.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Sequence
 
 import torch
 import xgrammar
 
+from .constraints import Constraint
 from .tokenizer import PromptTokenizer
 
-Kind = Literal["json_schema", "json_object", "regex", "choice"]
+# tool_choice "auto": text that opens like neither a JSON array or object nor a blank, so the two
+# branches of the grammar part at the first character.
+_TEXT_REGEX = r"[^\[{\s][\s\S]*"
 
 
-@dataclass(frozen=True)
-class Constraint:
-    kind: Kind
-    value: str = ""  # the schema as canonical JSON, the regex, or the choices as a JSON array
+def grammar(constraint: Constraint) -> xgrammar.Grammar:
+    """The constraint's grammar; raises ValueError with the compiler's first line when it refuses it."""
+    try:
+        if constraint.kind == "json_schema":
+            # No free whitespace: a model with little sense of JSON could emit blanks until max_new_tokens.
+            # Strict (xgrammar's default): no properties beyond those the schema names.
+            built = xgrammar.Grammar.from_json_schema(constraint.value, any_whitespace=False)
+        elif constraint.kind == "regex":
+            built = xgrammar.Grammar.from_regex(constraint.value)
+        else:
+            built = xgrammar.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c) for c in
+                                                                        json.loads(constraint.value)))
+        return xgrammar.Grammar.union(built, xgrammar.Grammar.from_regex(_TEXT_REGEX)) if constraint.or_text else built
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(str(exc).strip().splitlines()[0].split("] ", 1)[-1]) from None
 
-    @classmethod
-    def json_schema(cls, schema: dict[str, Any]) -> Constraint:
-        return cls("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":")))
 
-    @classmethod
-    def choice(cls, choices: list[str]) -> Constraint:
-        return cls("choice", json.dumps(choices))
+def ebnf(constraint: Constraint) -> str:
+    """The grammar as EBNF text, for vLLM's structured outputs."""
+    return str(grammar(constraint))
 
 
 class Grammars:
@@ -41,37 +52,27 @@ class Grammars:
         info = xgrammar.TokenizerInfo(tokenizer.pieces(), xgrammar.VocabType.BYTE_FALLBACK,
                                       vocab_size=tokenizer.vocab_size, stop_token_ids=[tokenizer.eos_id],
                                       add_prefix_space=True)
-        self.vocab_size = tokenizer.vocab_size
         self._compiler = xgrammar.GrammarCompiler(info, max_threads=1)
         self._compiled: dict[Constraint, xgrammar.CompiledGrammar] = {}
         self._lock = threading.Lock()
 
     def compile(self, constraint: Constraint) -> xgrammar.CompiledGrammar:
-        """The constraint's grammar; raises ValueError naming what the compiler refused."""
+        """The constraint's compiled grammar; raises ValueError naming what the compiler refused."""
         with self._lock:
             if constraint not in self._compiled:
-                self._compiled[constraint] = self._compile(constraint)
+                try:
+                    self._compiled[constraint] = self._compiler.compile_grammar(grammar(constraint))
+                except RuntimeError as exc:
+                    raise ValueError(str(exc).strip().splitlines()[0]) from None
             return self._compiled[constraint]
 
-    def matcher(self, constraint: Constraint) -> xgrammar.GrammarMatcher:
-        return xgrammar.GrammarMatcher(self.compile(constraint))
 
-    def allowed(self, matcher: xgrammar.GrammarMatcher) -> torch.Tensor:
-        """The matcher's next-token bitmask, for `xgrammar.apply_token_bitmask_inplace`."""
-        bitmask = xgrammar.allocate_token_bitmask(1, self.vocab_size)
-        matcher.fill_next_token_bitmask(bitmask)
-        return bitmask
-
-    def _compile(self, constraint: Constraint) -> xgrammar.CompiledGrammar:
-        try:
-            if constraint.kind == "json_object":
-                return self._compiler.compile_builtin_json_grammar()
-            if constraint.kind == "json_schema":
-                # No free whitespace: a model with little sense of JSON could emit blanks until max_new_tokens.
-                return self._compiler.compile_json_schema(constraint.value, any_whitespace=False)
-            if constraint.kind == "regex":
-                return self._compiler.compile_regex(constraint.value)
-            choices = json.loads(constraint.value)
-            return self._compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in choices))
-        except (RuntimeError, ValueError) as exc:
-            raise ValueError(str(exc).strip().splitlines()[0]) from None
+def mask(logits: torch.Tensor, matchers: Sequence[xgrammar.GrammarMatcher | None]) -> None:
+    """Sets to -inf, in place, every score of logits [batch, vocab] that a row's grammar does not allow next."""
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
+        return
+    bitmask = xgrammar.allocate_token_bitmask(len(matchers), logits.shape[-1])  # [batch, vocab / 32] int32
+    for i in rows:
+        matchers[i].fill_next_token_bitmask(bitmask, i)
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)

@@ -65,12 +65,13 @@ def _events(parsed: openai.OpenAIRequest, events: Iterator[str | Completion], re
         with contextlib.closing(events):  # a caller that goes away, even before the first chunk, cancels its row
             if parsed.route == "chat":
                 yield openai.render_chunk(parsed, request_id, first=True)
+            calls = openai.CallBuffer(parsed)
             for item in events:
                 if isinstance(item, str):
-                    if item:
+                    if item and not calls.holds(item):
                         yield openai.render_chunk(parsed, request_id, text=item)
                 else:
-                    yield openai.render_stream_end(parsed, request_id, item)
+                    yield openai.render_stream_end(parsed, request_id, item, held=calls.held)
     except ScoringError as exc:
         yield openai.render_stream_error(exc)
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from .constraints import RESPONSE_FORMAT_SCHEMA
+
 
 class _ServerDefault:
     """The default of a parameter whose default the server's settings decide."""
@@ -29,13 +31,14 @@ SERVER_DEFAULT: Final = _ServerDefault()
 @dataclass(frozen=True)
 class Parameter:
     name: str
-    type: Literal["number", "integer", "boolean", "string"]
+    type: Literal["number", "integer", "boolean", "string", "object"]
     description: str
     default: Any  # a JSON value, None for "unset", or SERVER_DEFAULT
     minimum: float | None = None
     exclusive_minimum: float | None = None
     maximum: float | None = None
     max_items: int | None = None  # a string parameter that also takes a list of at most this many strings
+    shape: dict[str, Any] | None = None  # an object parameter's JSON schema
     # "settings": a field of the engine's SamplingSettings; "request": a field of ScoringRequest.
     goes_to: Literal["settings", "request"] = "settings"
     openai: str | None = None  # its name on the OpenAI routes; None: not offered there
@@ -55,7 +58,9 @@ class Parameter:
         return None
 
     def json_schema(self) -> dict[str, Any]:
-        if self.max_items is not None:
+        if self.shape is not None:
+            schema = dict(self.shape)
+        elif self.max_items is not None:
             text = {"type": "string", "minLength": 1}
             schema: dict[str, Any] = {"anyOf": [text, {"type": "array", "maxItems": self.max_items, "items": text}]}
         else:
@@ -96,6 +101,12 @@ PARAMETERS: Final[tuple[Parameter, ...]] = (
     Parameter("ignore_eos", "boolean", "Keep generating past end-of-sequence.", False, openai="ignore_eos"),
     Parameter("return_token_ids", "boolean", "Add `prompt_token_ids` and `token_ids` to each result.", False,
               goes_to="request"),
+    # OpenAI's response_format, plus "regex" and "choice"; the core turns it into the engine's Constraint.
+    Parameter("response_format", "object",
+              "Constrain the answer: `{\"type\": \"json_object\"}`, `{\"type\": \"json_schema\", \"json_schema\": "
+              "{\"name\": ..., \"schema\": {...}}}`, `{\"type\": \"regex\", \"regex\": ...}`, `{\"type\": \"choice\", "
+              "\"choice\": [...]}` or `{\"type\": \"text\"}` (none).", {"type": "text"}, shape=RESPONSE_FORMAT_SCHEMA,
+              openai="response_format"),
     Parameter("stream", "boolean", "Answer with server-sent events: text chunks, then one event with "
               "`finish_reason` and `usage`. One conversation or one prompt; /score only.", False,
               goes_to="request", openai="stream"),

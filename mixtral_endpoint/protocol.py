@@ -17,6 +17,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
+from .constraints import from_response_format
 from .errors import InvalidRequest
 from .parameters import PARAMETERS, Parameter, default
 from .sampling import SamplingSettings
@@ -130,9 +131,13 @@ def to_settings(params: dict[str, Any], limits: RequestLimits) -> SamplingSettin
     """Converts validated request parameters into engine settings, once, by name.
 
     Parameters left out take SamplingSettings' defaults, which are the table's; max_new_tokens,
-    whose default is the server's, is the one place its cap is checked.
+    whose default is the server's, is the one place its cap is checked. response_format becomes the
+    settings' Constraint.
     """
-    values = {p.name: _typed(p, params[p.name]) for p in PARAMETERS if p.goes_to == "settings" and p.name in params}
+    values: dict[str, Any] = {p.name: _typed(p, params[p.name]) for p in PARAMETERS
+                              if p.goes_to == "settings" and p.shape is None and p.name in params}
+    if params.get("response_format") is not None:
+        values["constraint"] = from_response_format(params["response_format"], "parameters.response_format")
     max_new_tokens = values.setdefault("max_new_tokens", limits.default_max_new_tokens)
     if max_new_tokens > limits.max_new_tokens:
         raise InvalidRequest(

@@ -22,7 +22,7 @@ from mlflow.protos.databricks_pb2 import (
     REQUEST_LIMIT_EXCEEDED,
     TEMPORARILY_UNAVAILABLE,
 )
-from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import AnyType, Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
 from . import score_api
 from .config import ServerConfig
@@ -141,9 +141,22 @@ def signature() -> mlflow.models.ModelSignature:
 
 
 def _param_spec(parameter: Parameter) -> ParamSpec:
+    if parameter.shape is not None:
+        # An object (response_format): its properties as MLflow's, whatever lies deeper (a schema) as Any.
+        properties = [Property(name, _mlflow_type(schema), required=name in parameter.shape.get("required", ()))
+                      for name, schema in parameter.shape["properties"].items()]
+        return ParamSpec(parameter.name, Object(properties), parameter.default)
     if parameter.max_items is not None:
         # A string or a list of strings: MLflow's array params take a list, and need a list default.
         return ParamSpec(parameter.name, "string", list(parameter.default), (-1,))
     # A default the server decides stays unset here, or MLflow would send it with every predict.
     default = None if parameter.server_decides_default else parameter.default
     return ParamSpec(parameter.name, _MLFLOW_TYPES[parameter.type], default)
+
+
+def _mlflow_type(schema: dict[str, Any]) -> Any:
+    if schema.get("type") == "array":
+        return Array(_mlflow_type(schema["items"]))
+    if schema.get("type") == "string" or "enum" in schema:
+        return "string"
+    return AnyType()

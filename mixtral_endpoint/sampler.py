@@ -1,8 +1,9 @@
 """Choosing each row's next token with that row's own settings, inside one batched step.
 
-The order and semantics follow transformers' generate: repetition penalty, then temperature,
-top-k and top-p, then sampling. Each sampled row draws from its own torch.Generator, so a seeded
-request gives the same tokens alone or in a crowd.
+The order and semantics follow transformers' generate: repetition penalty, then the grammar's mask
+(a constrained row's disallowed tokens get -inf), then temperature, top-k and top-p, then sampling.
+Each sampled row draws from its own torch.Generator, so a seeded request gives the same tokens alone
+or in a crowd.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import xgrammar
 
+from .grammar import mask
 from .sampling import SamplingSettings
 
 
@@ -27,8 +30,10 @@ def choose_tokens(
     settings: Sequence[SamplingSettings],
     seen: Sequence[Sequence[int]],
     generators: Sequence[torch.Generator | None],
+    matchers: Sequence[xgrammar.GrammarMatcher | None] = (),
 ) -> list[int]:
-    """logits: [batch, vocab] for the last position; seen: prompt + generated ids of each row."""
+    """logits: [batch, vocab] for the last position; seen: prompt + generated ids of each row;
+    matchers: each constrained row's grammar matcher (None for a free row, or none at all)."""
     logits = logits.float()
     for i, s in enumerate(settings):
         if s.repetition_penalty != 1.0:
@@ -36,6 +41,8 @@ def choose_tokens(
             scores = logits[i, ids]
             logits[i, ids] = torch.where(scores < 0, scores * s.repetition_penalty, scores / s.repetition_penalty)
     logits = torch.nan_to_num(logits)  # a tiny penalty can overflow float32: keep scores finite
+    if any(m is not None for m in matchers):
+        mask(logits, matchers)
     chosen = logits.argmax(dim=-1).tolist()
     for i, s in enumerate(settings):
         if not s.greedy:

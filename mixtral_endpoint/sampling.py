@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from .constraints import Constraint
 from .parameters import BY_NAME, default
 
 
@@ -18,12 +19,13 @@ class SamplingSettings:
     repetition_penalty: float = default("repetition_penalty")
     seed: int | None = default("seed")
     ignore_eos: bool = default("ignore_eos")
+    constraint: Constraint | None = None  # response_format or tools: the grammar every token must keep to
 
     def __post_init__(self) -> None:
         # The engine's own invariants, checked again behind the schema.
         for f in fields(self):
             value = getattr(self, f.name)
-            problem = None if value is None else BY_NAME[f.name].violation(value)
+            problem = None if value is None or f.name not in BY_NAME else BY_NAME[f.name].violation(value)
             if problem is not None:
                 raise ValueError(f"{f.name} {problem}, got {value}")
 
@@ -37,4 +39,4 @@ class Generation:
     """What the engine returns for one prompt: new token ids and why it stopped."""
 
     token_ids: tuple[int, ...]
-    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    finish_reason: str  # "stop" (EOS, a stop string or the grammar's end) or "length"

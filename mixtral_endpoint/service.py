@@ -2,7 +2,8 @@
 or a typed error.
 
 Everything between the doors and the engine interface lives here, so both engines answer alike:
-tokenization, the bounded line (line.py), deadlines, stop strings and the per-request log line. Each
+tokenization, compiled grammars (grammar.py), the bounded line (line.py), deadlines, stop strings and the
+per-request log line. Each
 door parses its own API into a ScoringRequest and renders the Completions (score_api.py for /score,
 MLflow and batch jobs; openai_routes.py for the OpenAI routes).
 """
@@ -20,16 +21,19 @@ from typing import Any, BinaryIO
 
 from .checkpoint import inspect_checkpoint
 from .config import MODEL_NAME, ServerConfig
+from .constraints import Constraint
 from .detokenizer import Detokenizer
 from .engine import Engine, Row
 from .engines import load_engine
 from .errors import (
     ContextLengthExceeded,
     InternalError,
+    InvalidRequest,
     ModelNotReady,
     PayloadTooLarge,
     ScoringError,
 )
+from .grammar import Grammars
 from .line import RETRY_AFTER_S, Line
 from .metrics import Metrics
 from .protocol import (
@@ -68,6 +72,7 @@ class Scorer:
         self.tokenizer = tokenizer
         self.config = config
         self.line = Line(engine, config.max_queue)
+        self.grammars = Grammars(tokenizer)
         # Closes the engine once: on close(), when the scorer is collected (a notebook or MLflow
         # loading the model again frees the last copy) or at interpreter exit, before torch is torn
         # down under the engine thread. It holds the engine, never the scorer.
@@ -138,10 +143,11 @@ class Scorer:
 
     def _submit(self, request: ScoringRequest, prompts: list[list[int]]
                 ) -> tuple[list[Row], list[Detokenizer], queue.SimpleQueue]:
+        grammar = self._grammar(request.settings.constraint)
         deadline = time.monotonic() + self.config.request_timeout_s
         sink: queue.SimpleQueue = queue.SimpleQueue()  # every row of the request reports here
-        rows = [Row(p, request.settings, deadline, sink, each_token=request.stream or bool(request.stop))
-                for p in prompts]
+        rows = [Row(p, request.settings, deadline, sink, each_token=request.stream or bool(request.stop),
+                    grammar=grammar) for p in prompts]
         texts = [Detokenizer(self.tokenizer.decode, eos_id=self.tokenizer.eos_id, stops=request.stop,
                              context=() if request.is_chat else p[-_CONTEXT_TOKENS:]) for p in prompts]
         try:
@@ -151,6 +157,16 @@ class Scorer:
                 row.finish("error")  # gives their places in the line back
             raise
         return rows, texts, sink
+
+    def _grammar(self, constraint: Constraint | None) -> object | None:
+        """The constraint compiled (once: cached); both engines' constraints are checked here, before admission."""
+        if constraint is None:
+            return None
+        try:
+            return self.grammars.compile(constraint)
+        except ValueError as exc:
+            raise InvalidRequest(f"{constraint.param or 'the constraint'} cannot be compiled into a grammar: {exc}",
+                                 param=constraint.param or None) from None
 
     def _follow(self, request_id: str, rows: list[Row], texts: list[Detokenizer],
                 sink: queue.SimpleQueue) -> Iterator[str]:

@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import xgrammar
 from transformers import DynamicCache, MixtralForCausalLM
 
 from .checkpoint import Checkpoint
 from .engine import Row
-from .errors import DoesNotFit
+from .errors import DoesNotFit, InternalError
 from .placement import Plan
 from .prepack import prepack
 from .sampler import choose_tokens, new_generator
@@ -82,6 +83,8 @@ class Stepper:
         for row in rows:
             assert row.prompt, "every prompt needs at least one token"
             assert len(row.prompt) + row.settings.max_new_tokens <= self.context_window, "over the context window"
+            assert (row.settings.constraint is None) == (row.grammar is None), "a constraint needs its grammar"
+            row.matcher = xgrammar.GrammarMatcher(row.grammar) if row.grammar is not None else None
             row.started_at = time.monotonic()
         generators = [new_generator(row.settings, self.device, random.getrandbits(63)) for row in rows]
         width = max(len(row.prompt) for row in rows)
@@ -124,11 +127,14 @@ class Stepper:
         rows = batch.rows
         # The ids a row has seen matter only to a repetition penalty: build them only for those rows.
         seen = [r.prompt + r.tokens if r.settings.repetition_penalty != 1.0 else () for r in rows]
-        chosen = choose_tokens(logits, [r.settings for r in rows], seen, batch.generators)
+        chosen = choose_tokens(logits, [r.settings for r in rows], seen, batch.generators, [r.matcher for r in rows])
         now = time.monotonic()
         keep = []
         for i, (row, token) in enumerate(zip(rows, chosen, strict=True)):
             row.emit(token, now, len(rows))
+            if row.matcher is not None and not row.matcher.accept_token(token):
+                row.fail(InternalError(f"the grammar refused token {token}, which its own mask allowed"))
+                continue
             reason = self._finish_reason(row, token, now)
             if reason is None:
                 keep.append(i)
@@ -140,7 +146,8 @@ class Stepper:
         return batch if len(keep) == len(rows) else _select(batch, keep)
 
     def _finish_reason(self, row: Row, token: int, now: float) -> str | None:
-        if token == self.eos_id and not row.settings.ignore_eos:
+        grammar_ended = row.matcher is not None and row.matcher.is_terminated()  # it accepted EOS
+        if grammar_ended or token == self.eos_id and not row.settings.ignore_eos:
             return "stop"
         if len(row.tokens) >= row.settings.max_new_tokens:
             return "length"

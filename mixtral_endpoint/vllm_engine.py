@@ -1,7 +1,9 @@
 """vLLM behind the engine interface: the GPU engine. Its CPU build runs the same code in the tests.
 
-vLLM gets our token ids (a TokensPrompt), so prompts stay token-exact with mistral-common, and it
-never needs a tokenizer. Each row's own settings become its SamplingParams. One thread owns
+vLLM gets our token ids (a TokensPrompt), so prompts stay token-exact with mistral-common, and returns
+token ids; it loads the checkpoint's tokenizer (mistral-common's, `tokenizer_mode="mistral"`) only
+because its structured outputs build their vocabulary from it. Each row's own settings become its
+SamplingParams, a constraint as the same xgrammar grammar our engine runs (grammar.py). One thread owns
 vLLM's `LLMEngine`, in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): it adds newcomers,
 aborts rows that were cancelled or ran out of time, and steps, as our own engine's thread does.
 
@@ -14,6 +16,7 @@ a throwaway Flask request context.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -25,8 +28,10 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .config import DEFAULT_BATCH_SIZE, MAX_NUM_SEQS
+from .constraints import Constraint
 from .engine import Capacity, EngineThread, Row
 from .errors import ConfigError, DoesNotFit, InternalError
+from .grammar import ebnf
 from .placement import VLLM_MEMORY_SHARE, kv_budget, serving_dtype, size, visible_devices
 from .sampling import SamplingSettings
 
@@ -144,7 +149,7 @@ class VllmEngine(EngineThread):
             return
         request_id = str(next(self._ids))
         try:
-            # vLLM without a tokenizer checks no token id: one past the vocabulary would crash its step.
+            # One past the vocabulary would crash vLLM's step: refuse it here, for this row alone.
             if not row.prompt or not all(0 <= t < self.vocab_size for t in row.prompt):
                 raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}) and not empty")
             if len(row.prompt) + row.settings.max_new_tokens > self.context_window:
@@ -223,7 +228,8 @@ def engine_args(checkpoint: Checkpoint, config: ServerConfig) -> tuple[dict[str,
         wanted = budget.tokens
     args: dict[str, Any] = {
         "model": str(checkpoint.path),
-        "skip_tokenizer_init": True,  # token ids in, token ids out
+        "tokenizer_mode": "mistral",  # for structured outputs' vocabulary; prompts stay our token ids
+        "structured_outputs_config": {"backend": "xgrammar"},  # the grammars grammar.py writes
         "generation_config": "vllm",  # the request's settings, not the checkpoint's sampling defaults
         "dtype": dtype,
         "max_model_len": wanted,
@@ -250,9 +256,10 @@ def engine_args(checkpoint: Checkpoint, config: ServerConfig) -> tuple[dict[str,
 def sampling_params(settings: SamplingSettings, eos_id: int) -> Any:
     """Our frozen settings as vLLM's SamplingParams, by name."""
     from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     sampled = not settings.greedy
+    constraint = settings.constraint
     return SamplingParams(
         max_tokens=settings.max_new_tokens,
         temperature=settings.temperature if sampled else 0.0,
@@ -260,13 +267,19 @@ def sampling_params(settings: SamplingSettings, eos_id: int) -> Any:
         top_k=settings.top_k if sampled else 0,
         repetition_penalty=settings.repetition_penalty,
         seed=settings.seed if sampled else None,
-        # vLLM has no tokenizer here, so EOS is ours to name; the EOS token stays in the output,
-        # as it does on our engine.
+        # EOS is ours to name (generation_config="vllm"); the EOS token stays in the output, as it does on
+        # our engine.
         stop_token_ids=[] if settings.ignore_eos else [eos_id],
         ignore_eos=settings.ignore_eos,
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
+        structured_outputs=None if constraint is None else StructuredOutputsParams(grammar=_ebnf(constraint)),
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _ebnf(constraint: Constraint) -> str:
+    return ebnf(constraint)  # vLLM caches the compiled grammar by this text
 
 
 def _build_llm_engine(args: dict[str, Any]) -> Any:

@@ -11,7 +11,8 @@ import pytest
 import torch
 import xgrammar
 
-from mixtral_endpoint.grammar import Constraint, Grammars
+from mixtral_endpoint.constraints import Constraint
+from mixtral_endpoint.grammar import Grammars, mask
 from mixtral_endpoint.tokenizer import PromptTokenizer
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Lyon"]},
@@ -24,20 +25,21 @@ def grammars(tokenizer: PromptTokenizer) -> Grammars:
     return Grammars(tokenizer)
 
 
-def decode(grammars: Grammars, tokenizer: PromptTokenizer, constraint: Constraint, seed: int) -> str:
-    """Random logits, masked to what the grammar allows, argmax, until the grammar ends."""
-    matcher = grammars.matcher(constraint)
+def decode(grammars: Grammars, tokenizer: PromptTokenizer, constraint: Constraint, seed: int, *,
+           must_end: bool = True) -> str:
+    """Random logits, masked to what the grammar allows, argmax, until the grammar ends (or 200 tokens)."""
+    matcher = xgrammar.GrammarMatcher(grammars.compile(constraint))
     generator = torch.Generator().manual_seed(seed)
     tokens = []
     for _ in range(200):
         logits = torch.randn(1, tokenizer.vocab_size, generator=generator)
-        xgrammar.apply_token_bitmask_inplace(logits, grammars.allowed(matcher))
+        mask(logits, [matcher])
         token = int(logits.argmax())
         assert matcher.accept_token(token)
         if matcher.is_terminated():
             break
         tokens.append(token)
-    assert matcher.is_terminated(), "the grammar never ended"
+    assert matcher.is_terminated() or not must_end, "the grammar never ended"
     return tokenizer.decode(tokens)
 
 
@@ -51,6 +53,19 @@ def test_each_kind_of_constraint_is_obeyed(grammars, tokenizer):
     assert decode(grammars, tokenizer, Constraint.choice(["yes", "no", "maybe later"]), 0) in (
         "yes", "no", "maybe later")
     assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", decode(grammars, tokenizer, Constraint("regex", r"[0-9]{3}-[a-z]{2}"), 1))
+    any_object = grammars.compile(Constraint.json_schema({"type": "object"}))  # json_object: unbounded, so no loop
+    assert xgrammar.GrammarMatcher(any_object).accept_string('{"a": [1, {"b": null}]}')
+    assert not xgrammar.GrammarMatcher(any_object).accept_string("[1]")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_or_text_gives_the_schema_or_text_that_does_not_open_like_json(grammars, tokenizer, seed):
+    """tool_choice auto: the answer is a call that validates, or text; never half of each."""
+    text = decode(grammars, tokenizer, Constraint.json_schema(SCHEMA, or_text=True), seed, must_end=False)
+    if text[:1] in "[{":
+        jsonschema.validate(json.loads(text), SCHEMA)
+    else:
+        assert text and not text[0].isspace()
 
 
 def test_a_constraint_compiles_once(grammars):

@@ -31,7 +31,10 @@ VALUES: list[Any] = [None, True, False, 0, -1, 0.5, 1e308, 2**70, "", "x", [], [
 SAMPLE = json.loads((ROOT / "sample-request.json").read_text())
 SCORE_CHAT = {**SAMPLE, "parameters": {**SAMPLE["parameters"], "max_new_tokens": 4}}  # within the test server's cap
 SCORE_TEXT = {"input_data": {"input_string": ["Once upon a time", "x"],
-                             "parameters": {"max_new_tokens": 4, "stop": ["\n", "."], "seed": 1}}}
+                             "parameters": {"max_new_tokens": 4, "stop": ["\n", "."], "seed": 1}},
+              "parameters": {"response_format": {"type": "json_schema", "json_schema": {
+                  "name": "n", "strict": True, "schema": {"type": "object", "properties": {"a": {"enum": [1, "x"]}},
+                                                          "required": ["a"]}}}}}
 OPENAI_CHAT = {"model": "mixtral-8x7b", "messages": [{"role": "system", "content": "Be brief."},
                                                      {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
                "max_tokens": 4, "temperature": 0.5, "top_p": 0.9, "stop": ["\n"], "seed": 2, "stream": True,

@@ -102,9 +102,18 @@ def test_langchain_chat_openai_gets_the_same_answer(server: str):
 
 
 @pytest.mark.parametrize(("body", "param"), [
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"tool_choice": "auto"}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "a": {"if": {"type": "string"}}}}}}]}, "tools[0].function.parameters.properties.a"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": SECRET}}},
+     "tool_choice.function.name"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "nonsense"}}}}}},
+     "response_format.json_schema.schema.properties.a.type"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"functions": [{"name": "f"}]}, "functions"),
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"n": 2}, "n"),
     ({"logprobs": True}, "logprobs"),
@@ -164,7 +173,8 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | FINITE | st.text
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
                     max_leaves=8)
 FIELDS = st.sampled_from(["messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-                          "stop", "seed", "stream", "stream_options", "n", "logprobs", "tools", "top_k", "model"])
+                          "stop", "seed", "stream", "stream_options", "n", "logprobs", "tools", "tool_choice",
+                          "parallel_tool_calls", "response_format", "top_k", "model"])
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", 3]),
                                  "content": st.text(max_size=6) | JSON})
 BODIES = st.dictionaries(FIELDS, JSON, max_size=5) | st.builds(

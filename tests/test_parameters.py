@@ -47,7 +47,10 @@ def test_mlflow_signature_agrees_with_the_table():
     assert list(specs) == NAMES
     types = {"number": "double", "integer": "long", "boolean": "boolean", "string": "string"}
     for p in PARAMETERS:
-        assert specs[p.name].dtype.name == types[p.type], p.name
+        if p.shape is not None:  # response_format: an MLflow Object with the same properties
+            assert {q.name for q in specs[p.name].dtype.properties} == set(p.shape["properties"]), p.name
+        else:
+            assert specs[p.name].dtype.name == types[p.type], p.name
         expected = None if p.server_decides_default else p.default
         assert specs[p.name].default == (list(expected) if isinstance(expected, tuple) else expected), p.name
 
@@ -62,7 +65,8 @@ def test_max_new_tokens_default_is_the_servers_everywhere():
 def test_every_parameter_lands_in_the_settings_or_the_request():
     settings = {f.name for f in dataclasses.fields(SamplingSettings)}
     request = {f.name for f in dataclasses.fields(ScoringRequest)}
-    assert settings == {p.name for p in PARAMETERS if p.goes_to == "settings"}
+    # response_format arrives as the engine's Constraint (constraints.py).
+    assert settings == {p.name for p in PARAMETERS if p.goes_to == "settings" and p.shape is None} | {"constraint"}
     assert {p.name for p in PARAMETERS if p.goes_to == "request"} <= request
     assert BY_NAME["stop"].goes_to == "request"  # text: the engine knows only token ids
 
@@ -70,7 +74,9 @@ def test_every_parameter_lands_in_the_settings_or_the_request():
 def test_sampling_settings_defaults_are_the_tables():
     settings = SamplingSettings(max_new_tokens=1)
     for f in dataclasses.fields(settings):
-        if f.name != "max_new_tokens":
+        if f.name == "constraint":  # response_format's default, {"type": "text"}: no constraint
+            assert settings.constraint is None and BY_NAME["response_format"].default == {"type": "text"}
+        elif f.name != "max_new_tokens":
             assert getattr(settings, f.name) == BY_NAME[f.name].default, f.name
 
 

@@ -1,0 +1,91 @@
+"""Structured outputs through the core, on each engine: every answer to a bounded constraint ends on its own
+("stop") and obeys it, in a batch, on a stream, sampled or greedy; a schema no grammar can hold is a 400."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from mixtral_endpoint import score_api
+from mixtral_endpoint.errors import InvalidRequest
+from mixtral_endpoint.service import Scorer
+
+# Bounded (enums, integer ranges, maxLength), so the tiny model's random text ends within max_new_tokens.
+SCHEMA = {"type": "object", "properties": {"city": {"enum": ["Paris", "Lyon", "Nice"]},
+                                           "rank": {"type": "integer", "minimum": 1, "maximum": 99},
+                                           "note": {"type": "string", "maxLength": 8}},
+          "required": ["city", "rank", "note"]}
+CHAT = [{"role": "user", "content": "Name a city in France, as JSON."}]
+
+
+def body(response_format: dict, *, prompts: list | None = None, **parameters: object) -> dict:
+    return {"input_data": {"input_string": prompts or CHAT},
+            "parameters": {"response_format": response_format, "max_new_tokens": 64, **parameters}}
+
+
+def json_schema(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+
+
+@pytest.mark.parametrize("sampling", [{}, {"do_sample": True, "temperature": 1.0, "seed": 3}])
+def test_a_schema_constrains_each_answer_of_a_batch(any_scorer: Scorer, sampling: dict):
+    results = score_api.score(any_scorer, body(json_schema(SCHEMA), prompts=["A", "Tell me", "Paris is"],
+                                               **sampling))
+    for result in results:
+        assert result["finish_reason"] == "stop", result
+        jsonschema.validate(json.loads(result["0"]), SCHEMA)
+
+
+def test_regex_and_choice_are_obeyed(any_scorer: Scorer):
+    regex = score_api.score(any_scorer, body({"type": "regex", "regex": r"[0-9]{3}-[a-z]{2}"}))
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", regex["output"]) and regex["finish_reason"] == "stop"
+    choice = score_api.score(any_scorer, body({"type": "choice", "choice": ["yes", "no", "maybe later"]},
+                                              do_sample=True, seed=1))
+    assert choice["output"] in ("yes", "no", "maybe later") and choice["finish_reason"] == "stop"
+
+
+def test_a_constrained_stream_adds_up_to_valid_json(any_scorer: Scorer):
+    events = list(score_api.score(any_scorer, body(json_schema(SCHEMA), stream=True), stream_ok=True))
+    datas = [json.loads(e.removeprefix("data: ")) for e in "".join(events).split("\n\n") if e and "[DONE]" not in e]
+    text = "".join(d.get("delta", "") for d in datas)
+    jsonschema.validate(json.loads(text), SCHEMA)
+    assert datas[-1]["finish_reason"] == "stop"
+
+
+def test_json_object_without_a_schema_is_parsed_from_the_request():
+    request_format = {"type": "json_object"}
+    from mixtral_endpoint.config import ServerConfig
+    from mixtral_endpoint.protocol import parse_request
+
+    from .conftest import SERVER_ENV
+    settings = parse_request(body(request_format), ServerConfig.from_env(SERVER_ENV).limits).settings
+    assert settings.constraint is not None and json.loads(settings.constraint.value) == {"type": "object"}
+
+
+@pytest.mark.parametrize(("schema", "param", "words"), [
+    ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}},
+     "parameters.response_format.json_schema.schema.properties.a", "'not'"),
+    ({"type": "object", "properties": {"a": {"type": "nonsense"}}},
+     "parameters.response_format.json_schema.schema.properties.a.type", "not a valid JSON schema"),
+    ({"type": "string", "pattern": "(?<=a)b"}, "parameters.response_format.json_schema.schema", "Lookbehind"),
+])
+def test_a_schema_no_grammar_can_hold_is_a_400_naming_field_and_keyword(any_scorer: Scorer, schema, param, words):
+    with pytest.raises(InvalidRequest) as caught:
+        score_api.score(any_scorer, body(json_schema(schema)))
+    assert caught.value.param == param and words in caught.value.message, caught.value.message
+
+
+def test_a_type_without_its_field_is_a_400_naming_it(scorer: Scorer):
+    with pytest.raises(InvalidRequest) as caught:
+        score_api.score(scorer, body({"type": "regex"}))
+    assert caught.value.param == "parameters.response_format.regex"
+
+
+def test_a_repeated_schema_compiles_once(scorer: Scorer):
+    score_api.score(scorer, body(json_schema(SCHEMA)))
+    compiled = dict(scorer.grammars._compiled)
+    score_api.score(scorer, body(json_schema(dict(reversed(SCHEMA.items())))))
+    assert scorer.grammars._compiled == compiled
