@@ -86,7 +86,8 @@ def test_the_tools_join_the_system_message_and_a_round_trip_renders_as_text():
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "22 C"},
         {"role": "user", "content": "And so?"}], "tools": [WEATHER]}
     conversation = openai_protocol.parse(body, "chat", LIMITS, extra_parameters=None).request.conversation
