@@ -51,8 +51,8 @@ class ToolUse:
                   "required": ["name", "arguments"]} for t in called]
         schema: dict[str, Any] = {"type": "array", "minItems": 1,
                                   "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
-        if not self.parallel:
-            schema["maxItems"] = 1
+        if not self.parallel or self.choice not in ("auto", "required"):
+            schema["maxItems"] = 1  # a named function is called once, as OpenAI and vLLM do
         return Constraint.json_schema(schema, param="tools", or_text=self.optional)
 
     def instructions(self) -> str:

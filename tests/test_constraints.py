@@ -63,7 +63,7 @@ def test_response_format_on_the_openai_routes_is_the_same_constraint():
 
 @pytest.mark.parametrize(("choice", "names", "at_most_one"), [
     ("required", {"get_weather", "get_time"}, False),
-    ({"type": "function", "function": {"name": "get_time"}}, {"get_time"}, False),
+    ({"type": "function", "function": {"name": "get_time"}}, {"get_time"}, True),
 ])
 def test_tool_choice_decides_which_calls_the_grammar_allows(choice, names, at_most_one):
     parsed = chat(tools=[WEATHER, TIME], tool_choice=choice)
