@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import jsonschema
 import pytest
 import requests
 
@@ -93,8 +95,22 @@ def test_max_new_tokens_default_and_cap_are_the_servers(mlflow_server: str):
     assert response.status_code == 400 and "at most 64" in response.json()["message"]
 
 
+def test_a_json_schema_in_params_constrains_the_answer(mlflow_server: str):
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Lyon"]},
+                                               "rank": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["city", "rank"]}
+    response_format = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    response = invoke(mlflow_server, {"inputs": {"input_string": CONVERSATION},
+                                      "params": {"max_new_tokens": 64, "response_format": response_format}})
+    assert response.status_code == 200, response.text
+    (prediction,) = response.json()["predictions"]
+    jsonschema.validate(json.loads(prediction["output"]), schema)
+
+
 @pytest.mark.parametrize(("body", "words"), [
     ({"inputs": {"input_string": [{"role": "assistant", "content": "x"}]}}, "role"),
+    ({"inputs": {"input_string": ["hi"]}, "params": {"response_format": {"type": "json_schema", "json_schema": {
+        "schema": {"type": "object", "properties": {"a": {"not": {}}}}}}}}, "uses 'not'"),
     ({"inputs": {"input_string": ["hi"]}, "params": {"temperature": -1}}, "parameters.temperature must be >= 0"),
     ({"inputs": {"input_string": ["hi"]}, "params": {"temperature": "hot"}}, "temperature"),
     ({"inputs": {"input_string": ["hi"]}, "params": {"max_new_tokens": 100_000}}, "max_new_tokens"),
