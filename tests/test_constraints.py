@@ -153,3 +153,22 @@ def test_a_stream_holds_text_back_only_while_it_may_be_calls():
     calls = openai_protocol.CallBuffer(chat(tools=[WEATHER]))
     assert calls.holds("[") and calls.holds("Sunny")
     assert not openai_protocol.CallBuffer(chat()).holds("[")
+
+
+def test_schemas_openai_describes_response_format_and_tool_call_answers():
+    from jsonschema import Draft202012Validator
+
+    from mixtral_endpoint.constraints import RESPONSE_FORMAT_SCHEMA
+    from mixtral_endpoint.protocol import load_schema
+
+    openai = load_schema("openai")
+    assert openai["$defs"]["response_format"] == RESPONSE_FORMAT_SCHEMA  # one fact: constraints.py's
+    parsed = chat(tools=[WEATHER], tool_choice="required")
+    text = '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+    completion = Completion(text=text, prompt_token_ids=(1,), token_ids=(5, 2), finish_reason="stop")
+    Draft202012Validator({**openai, "$ref": "#/$defs/chat_completion"}).validate(
+        openai_protocol.render(parsed, [completion], "r"))
+    Draft202012Validator({**openai, "$ref": "#/$defs/chat_request"}).validate(
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c", "content": "sunny"}], "tools": [WEATHER], "tool_choice": "auto"})
