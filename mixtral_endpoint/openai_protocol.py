@@ -67,7 +67,7 @@ def parse(body: Any, route: Route, limits: RequestLimits, *, extra_parameters: s
     _refuse_what_mixtral_cannot_do(body)
     parameters = _parameters(body, route, mode)
     tool_use = parse_tool_use(body) if route == "chat" else None
-    if tool_use is not None and (body.get("response_format") or {}).get("type", "text") != "text":
+    if tool_use is not None and body.get("response_format") not in (None, {"type": "text"}):
         raise InvalidRequest("response_format and tools both constrain the answer; send one, or tool_choice none",
                              param="response_format")
     items, names = (_messages(body, tool_use) if route == "chat" else _prompts(body))
@@ -176,7 +176,7 @@ def _messages(body: dict[str, Any], tool_use: ToolUse | None) -> tuple[Any, tupl
             calls, names = calls_text(message["tool_calls"], f"messages[{i}].tool_calls")
             called.update(names)
             content = f"{content}\n{calls}" if isinstance(content, str) and content else calls
-        if results and role == "user" and isinstance(content, str):
+        if results and role == "user" and isinstance(content, str) and content:
             converted[-1]["content"] += "\n\n" + content
         else:
             converted.append({"role": _ROLES[role], "content": content})

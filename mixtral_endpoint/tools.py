@@ -124,8 +124,9 @@ def _choice(choice: Any, names: list[str]) -> str:
         raise InvalidRequest("tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": "
                              "{\"name\": ...}}", param="tool_choice")
     if name not in names:
-        raise InvalidRequest(f"tool_choice names the function '{name[:64]}', which is not among the tools "
-                             f"({', '.join(names) or 'none given'})", param="tool_choice.function.name")
+        offered = ", ".join(names) or "none given"
+        raise InvalidRequest(f"tool_choice names a function that is not among the tools ({offered})",
+                             param="tool_choice.function.name")  # what was sent is not echoed
     return name
 
 

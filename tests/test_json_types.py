@@ -39,6 +39,14 @@ OPENAI_CHAT = {"model": "mixtral-8x7b", "messages": [{"role": "system", "content
                                                      {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
                "max_tokens": 4, "temperature": 0.5, "top_p": 0.9, "stop": ["\n"], "seed": 2, "stream": True,
                "stream_options": {"include_usage": True}, "user": "u"}
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather.", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris"]}}, "required": ["city"]}}}
+WEATHER_CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+OPENAI_TOOLS = {"model": "mixtral-8x7b", "max_tokens": 4, "parallel_tool_calls": False, "tool_choice": "auto",
+                "tools": [WEATHER_TOOL],
+                "messages": [{"role": "user", "content": "Weather?"},
+                             {"role": "assistant", "content": None, "tool_calls": [WEATHER_CALL]},
+                             {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]}
 OPENAI_COMPLETIONS = {"model": "mixtral-8x7b", "prompt": ["Once upon a time"], "max_tokens": 4, "echo": False,
                       "stop": "\n", "top_k": 5}
 
@@ -92,6 +100,7 @@ BODIES = {
     "score text": (SCORE_TEXT, lambda body: parse_request(body, LIMITS), {}),
     "openai chat": (OPENAI_CHAT, lambda body: openai_protocol.parse(body, "chat", LIMITS,
                                                                      extra_parameters="pass-through"), {}),
+    "openai tools": (OPENAI_TOOLS, lambda body: openai_protocol.parse(body, "chat", LIMITS, extra_parameters=None), {}),
     "openai completions": (OPENAI_COMPLETIONS, lambda body: openai_protocol.parse(
         body, "completions", LIMITS, extra_parameters="pass-through"), {}),
     "mlflow input": ({"input_string": SCORE_CHAT["input_data"]["input_string"]}, mlflow_requests,
@@ -124,7 +133,7 @@ def test_the_live_server_answers_mutated_bodies_with_200_or_a_json_4xx(server: s
     """A sample of the same bodies through a real azmlinfsrv (every 25th of each door's): parsing is shared,
     so this checks the doors around it (reading, routing, rendering) add no 500."""
     routes = {"score chat": "/score", "score text": "/score", "openai chat": "/v1/chat/completions",
-              "openai completions": "/v1/completions"}
+              "openai tools": "/v1/chat/completions", "openai completions": "/v1/completions"}
     for name, route in routes.items():
         good = BODIES[name][0]
         for i, (path, body) in enumerate(mutations(good)):
