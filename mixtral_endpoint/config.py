@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import NoReturn
 
 from .errors import ConfigError
@@ -24,6 +24,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 # vLLM's own engine settings: left at their defaults on our engine, or a start-up error names them.
 VLLM_ONLY = ("gpu_memory_utilization", "tensor_parallel_size", "max_num_batched_tokens", "kv_cache_dtype")
+# Settings also read under the names Azure's catalog container uses (the MIXTRAL_ name wins when both are set).
+ALIASES = {"content_safety_endpoint": "CONTENT_SAFETY_ENDPOINT", "content_safety_threshold": "CONTENT_SAFETY_THRESHOLD",
+           "content_safety_key": "CONTENT_SAFETY_KEY"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +56,12 @@ class ServerConfig:
     enable_prefix_caching: bool = True  # reuse the cache of a prompt prefix seen before (a chat's history)
     max_num_batched_tokens: int = 0  # tokens one step computes (chunked prefill); 0: vLLM's default
     kv_cache_dtype: str = "auto"  # auto: the serving dtype; fp8 halves the cache per token
+    # Moderation (safety.py): screening with Azure AI Content Safety, and Mistral's guardrail prompt.
+    content_safety_endpoint: str = ""  # empty: no screening; also read from CONTENT_SAFETY_ENDPOINT
+    content_safety_threshold: int = 2  # a severity over it flags (levels 0, 2, 4, 6); also CONTENT_SAFETY_THRESHOLD
+    content_safety_key: str = field(default="", repr=False)  # empty: the managed identity; also CONTENT_SAFETY_KEY
+    content_safety_fail_open: bool = False  # serve when screening fails, rather than refuse (503)
+    safe_prompt: bool = False  # the guardrail prompt for every conversation that does not set safe_prompt
     # Logging.
     log_prompts: bool = False
 
@@ -64,7 +73,7 @@ class ServerConfig:
             if getattr(self, name) < 1:
                 _refuse(f"{_var(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("default_max_new_tokens", "max_total_tokens", "max_batch_size", "tensor_parallel_size",
-                     "max_num_batched_tokens"):
+                     "max_num_batched_tokens", "content_safety_threshold"):
             if getattr(self, name) < 0:
                 _refuse(f"{_var(name)} must be >= 0, got {getattr(self, name)}")
         if not (0 < self.request_timeout_s < math.inf):  # also refuses nan, which every comparison fails
@@ -94,7 +103,7 @@ class ServerConfig:
         """Reads MIXTRAL_<FIELD> variables; unset ones keep their defaults."""
         values: dict[str, object] = {}
         for f in fields(cls):
-            raw = environ.get(PREFIX + f.name.upper())
+            raw = environ.get(PREFIX + f.name.upper()) or environ.get(ALIASES.get(f.name, ""))
             if raw is None or raw == "":
                 continue
             kind = type(f.default)

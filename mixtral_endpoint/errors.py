@@ -13,6 +13,7 @@ from typing import Any
 STATUS: dict[str, int] = {
     "invalid_request": 400,
     "context_length_exceeded": 400,
+    "content_filter": 400,
     "payload_too_large": 413,
     "overloaded": 429,
     "internal_error": 500,
@@ -51,6 +52,12 @@ class InvalidRequest(ScoringError):
 
 class ContextLengthExceeded(ScoringError):
     code = "context_length_exceeded"
+
+
+class ContentFiltered(ScoringError):
+    """A prompt that content screening flagged (safety.py); the message names the category."""
+
+    code = "content_filter"
 
 
 class PayloadTooLarge(ScoringError):

@@ -107,6 +107,9 @@ PARAMETERS: Final[tuple[Parameter, ...]] = (
               "{\"name\": ..., \"schema\": {...}}}`, `{\"type\": \"regex\", \"regex\": ...}`, `{\"type\": \"choice\", "
               "\"choice\": [...]}` or `{\"type\": \"text\"}` (none).", {"type": "text"}, shape=RESPONSE_FORMAT_SCHEMA,
               openai="response_format"),
+    Parameter("safe_prompt", "boolean", "Put Mistral's guardrail prompt before the conversation, as its system "
+              "message. Default: the server's `MIXTRAL_SAFE_PROMPT`. Conversations only.", SERVER_DEFAULT,
+              goes_to="request", openai="safe_prompt"),
     Parameter("stream", "boolean", "Answer with server-sent events: text chunks, then one event with "
               "`finish_reason` and `usage`. One conversation or one prompt; /score only.", False,
               goes_to="request", openai="stream"),

@@ -50,6 +50,7 @@ class ScoringRequest:
     return_token_ids: bool
     stream: bool = False
     stop: tuple[str, ...] = ()  # text, so checked in the core: the engine knows only token ids
+    safe_prompt: bool | None = None  # None: the server's MIXTRAL_SAFE_PROMPT
 
     @property
     def is_chat(self) -> bool:
@@ -124,6 +125,7 @@ def parse_request(payload: Any, limits: RequestLimits) -> ScoringRequest:
         return_token_ids=params.get("return_token_ids", default("return_token_ids")),
         stream=stream,
         stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        safe_prompt=params.get("safe_prompt"),
     )
 
 

@@ -16,6 +16,7 @@ import queue
 import time
 import weakref
 from collections.abc import Generator, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -41,6 +42,7 @@ from .protocol import (
     ScoringRequest,
     parse_json,
 )
+from .safety import STREAM_WINDOW_CHARS, Screen, with_guardrail
 from .tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,9 @@ class Scorer:
         self.config = config
         self.line = Line(engine, config.max_queue)
         self.grammars = Grammars(tokenizer)
+        self.screen = Screen(config.content_safety_endpoint, threshold=config.content_safety_threshold,
+                             fail_open=config.content_safety_fail_open, key=config.content_safety_key,
+                             ) if config.content_safety_endpoint else None
         # Closes the engine once: on close(), when the scorer is collected (a notebook or MLflow
         # loading the model again frees the last copy) or at interpreter exit, before torch is torn
         # down under the engine thread. It holds the engine, never the scorer.
@@ -112,6 +117,8 @@ class Scorer:
         for _ in self._follow(request_id, rows, texts, sink):
             pass
         completions = [self._complete(row, text) for row, text in zip(rows, texts, strict=True)]
+        if self.screen is not None:
+            completions = [_withheld(c, "") if self.screen.answer_flagged(c.text) else c for c in completions]
         self._log(request_id, request, rows, completions)
         return completions
 
@@ -126,10 +133,18 @@ class Scorer:
         return Stream(self._stream(request_id, request, rows[0], texts[0], sink), rows[0], self.line)
 
     def _encode(self, request: ScoringRequest) -> list[list[int]]:
+        """The prompts' token ids, once screened; with the guardrail prompt where the request or server asks."""
         if request.conversation is not None:
-            prompts = [self.tokenizer.encode_chat(request.conversation)]
+            if self.screen is not None:
+                self.screen.check_prompt(["\n".join(m.content for m in request.conversation)],
+                                         param="input_data.input_string")
+            safe = self.config.safe_prompt if request.safe_prompt is None else request.safe_prompt
+            conversation = with_guardrail(request.conversation) if safe else request.conversation
+            prompts = [self.tokenizer.encode_chat(conversation)]
         else:
             assert request.prompts is not None
+            if self.screen is not None:
+                self.screen.check_prompt(request.prompts, param="input_data.input_string")
             prompts = [self.tokenizer.encode_text(p) for p in request.prompts]
         wanted = request.settings.max_new_tokens
         for i, ids in enumerate(prompts):
@@ -208,9 +223,20 @@ class Scorer:
 
     def _stream(self, request_id: str, request: ScoringRequest, row: Row, text: Detokenizer,
                 sink: queue.SimpleQueue) -> Iterator[str | Completion]:
+        released, held, flagged = "", "", False  # with screening, text is released window by window (safety.py)
         try:
             with contextlib.closing(self._follow(request_id, [row], [text], sink)) as pieces:
-                yield from pieces
+                for piece in pieces:
+                    if self.screen is None:
+                        yield piece
+                        continue
+                    held += piece
+                    if len(held) >= STREAM_WINDOW_CHARS:
+                        if flagged := self.screen.answer_flagged(held):
+                            break  # closing _follow cancels the row
+                        window, held = held, ""
+                        released += window
+                        yield window
         except GeneratorExit:  # the caller went away; _follow has cancelled the row
             row.done.wait(timeout=_GRACE_S)
             log.info("request=%s engine=%s cancelled: the caller went away; generation stopped after %d tokens "
@@ -218,7 +244,16 @@ class Scorer:
                      request.settings.max_new_tokens)
             self.metrics.record([row], [len(row.tokens)], ["abort"], time.monotonic())
             raise
-        completion = self._complete(row, text)
+        if flagged:
+            completion = Completion(text=released, prompt_token_ids=tuple(row.prompt), token_ids=(),
+                                    finish_reason="content_filter")
+        else:
+            completion = self._complete(row, text)
+            if held and self.screen is not None:
+                if self.screen.answer_flagged(held):
+                    completion = _withheld(completion, released)
+                else:
+                    yield held
         self._log(request_id, request, [row], [completion])
         yield completion
 
@@ -247,6 +282,11 @@ class Scorer:
             started - submitted, first - submitted, seconds, new_tokens / seconds if seconds > 0 else 0.0,
             max(r.peak_batch for r in rows), ",".join(c.finish_reason for c in completions), extra,
         )
+
+
+def _withheld(completion: Completion, released: str) -> Completion:
+    """A flagged answer: only the text a stream had released (screened windows) stays; no token ids."""
+    return replace(completion, text=released, token_ids=(), finish_reason="content_filter")
 
 
 def _too_large(size: str, limit: int) -> PayloadTooLarge:

@@ -1,0 +1,139 @@
+"""Content screening against a local server that speaks Azure AI Content Safety's REST shape (the real
+service cannot be reached from here), through the real azure-ai-contentsafety client; and Mistral's
+guardrail prompt, token-exact through mistral-common."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from mixtral_endpoint import score_api
+from mixtral_endpoint.config import ServerConfig
+from mixtral_endpoint.errors import ContentFiltered, ModelNotReady
+from mixtral_endpoint.localserver import LocalServer
+from mixtral_endpoint.protocol import Message
+from mixtral_endpoint.safety import GUARDRAIL, STREAM_WINDOW_CHARS
+from mixtral_endpoint.service import Scorer
+
+from .conftest import SERVER_ENV
+from .fake_content_safety import FakeContentSafety
+
+USER = [{"role": "user", "content": "Tell me a story."}]
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeContentSafety]:
+    fake = FakeContentSafety()
+    yield fake
+    fake.close()
+
+
+def screened_scorer(scorer: Scorer, fake: FakeContentSafety, **settings: str) -> Scorer:
+    """A second core on the session's engine, with screening; it must not close that engine when let go."""
+    env = {**SERVER_ENV, "MIXTRAL_MAX_NEW_TOKENS": "200", "CONTENT_SAFETY_ENDPOINT": fake.url,
+           "CONTENT_SAFETY_KEY": "test-key", **settings}
+    core = Scorer(scorer.engine, scorer.tokenizer, ServerConfig.from_env(env))
+    core._close.detach()
+    return core
+
+
+@pytest.fixture
+def core(scorer: Scorer, fake: FakeContentSafety) -> Scorer:
+    fake.reset()
+    return screened_scorer(scorer, fake)
+
+
+def chat(content: str, **parameters: object) -> dict:
+    return {"input_data": {"input_string": [{"role": "user", "content": content}]},
+            "parameters": {"max_new_tokens": 8, **parameters}}
+
+
+def test_a_flagged_prompt_is_a_400_content_filter_naming_the_category(core: Scorer, fake: FakeContentSafety):
+    with pytest.raises(ContentFiltered) as caught:
+        score_api.score(core, chat("something FLAG-Violence here"))
+    assert caught.value.status == 400 and caught.value.code == "content_filter"
+    assert "Violence" in caught.value.message and caught.value.param == "input_data.input_string"
+    assert fake.calls[0]["key"] == "test-key" and fake.calls[0]["path"].startswith("/contentsafety/text:analyze")
+    assert set(fake.calls[0]["categories"]) == {"Hate", "SelfHarm", "Sexual", "Violence"}
+
+
+def test_a_severity_at_the_threshold_passes_and_every_answer_is_screened(core: Scorer, fake: FakeContentSafety):
+    body = score_api.score(core, chat("LOW-Hate is only low", max_new_tokens=4))
+    assert body["finish_reason"] == "length"
+    assert len(fake.calls) == 2 and fake.calls[1]["text"] == body["output"]  # the prompt, then the answer
+
+
+def test_long_texts_are_screened_in_chunks_of_1000_characters(core: Scorer, fake: FakeContentSafety):
+    with pytest.raises(ContentFiltered):
+        score_api.score(core, chat("x" * 1500 + " FLAG-Sexual"))
+    assert [len(c["text"]) for c in fake.calls] == [1000, 512]
+
+
+def test_a_flagged_answer_is_withheld_with_finish_reason_content_filter(core: Scorer, fake: FakeContentSafety):
+    fake.flag_after = 1  # the prompt passes; the answer does not
+    body = score_api.score(core, chat("Tell me a story.", return_token_ids=True))
+    assert body["finish_reason"] == "content_filter" and body["output"] == "" and body["token_ids"] == []
+
+
+def test_a_stream_flagged_midway_keeps_only_what_was_screened(core: Scorer, fake: FakeContentSafety):
+    fake.flag_after = 2  # the prompt and the first window pass; the second window is flagged
+    events = "".join(score_api.score(core, chat("Tell me a story.", max_new_tokens=200, ignore_eos=True,
+                                                stream=True), stream_ok=True))
+    datas = [json.loads(e[6:]) for e in events.split("\n\n") if e.startswith("data: {")]
+    text = "".join(d.get("delta", "") for d in datas)
+    assert datas[-1]["finish_reason"] == "content_filter"
+    assert text == fake.calls[1]["text"] and len(text) >= STREAM_WINDOW_CHARS  # one screened window, no more
+    assert len(fake.calls) == 3
+
+
+def test_screening_that_fails_closed_is_a_503_and_open_is_served(scorer: Scorer, fake: FakeContentSafety):
+    fake.reset()
+    fake.fail = True
+    with pytest.raises(ModelNotReady) as caught:
+        score_api.score(screened_scorer(scorer, fake), chat("hi"))
+    assert caught.value.status == 503 and caught.value.retry_after
+    opened = screened_scorer(scorer, fake, MIXTRAL_CONTENT_SAFETY_FAIL_OPEN="true")
+    assert score_api.score(opened, chat("hi"))["finish_reason"] in ("stop", "length")
+
+
+def test_safe_prompt_puts_mistrals_guardrail_first_token_exact(scorer: Scorer, tokenizer):
+    asked = score_api.score(scorer, chat("Tell me a story.", safe_prompt=True, return_token_ids=True))
+    assert asked["prompt_token_ids"] == tokenizer.encode_chat(
+        [Message("system", GUARDRAIL), Message("user", "Tell me a story.")])
+    with_system = {"input_data": {"input_string": [{"role": "system", "content": "Be brief."}, *USER]},
+                   "parameters": {"max_new_tokens": 2, "safe_prompt": True, "return_token_ids": True}}
+    assert score_api.score(scorer, with_system)["prompt_token_ids"] == tokenizer.encode_chat(
+        [Message("system", GUARDRAIL + "\n\nBe brief."), Message("user", "Tell me a story.")])
+    plain = score_api.score(scorer, chat("Tell me a story.", return_token_ids=True))
+    assert plain["prompt_token_ids"] == tokenizer.encode_chat([Message("user", "Tell me a story.")])
+
+
+def test_the_servers_safe_prompt_default_and_a_request_that_declines_it(scorer: Scorer, tokenizer):
+    core = Scorer(scorer.engine, scorer.tokenizer, ServerConfig.from_env({**SERVER_ENV, "MIXTRAL_SAFE_PROMPT": "1"}))
+    core._close.detach()
+    guarded = score_api.score(core, chat("Hi", return_token_ids=True))["prompt_token_ids"]
+    assert guarded == tokenizer.encode_chat([Message("system", GUARDRAIL), Message("user", "Hi")])
+    declined = score_api.score(core, chat("Hi", return_token_ids=True, safe_prompt=False))["prompt_token_ids"]
+    assert declined == tokenizer.encode_chat([Message("user", "Hi")])
+
+
+def test_a_live_server_with_the_catalogs_variables_screens_every_door(azureml_models: Path, tmp_path: Path,
+                                                                      fake: FakeContentSafety):
+    fake.reset()
+    env = {**SERVER_ENV, "CONTENT_SAFETY_ENDPOINT": fake.url, "CONTENT_SAFETY_KEY": "k",
+           "CONTENT_SAFETY_THRESHOLD": "2"}
+    with LocalServer(azureml_models, tmp_path / "server.log", env, threads=4) as server:
+        flagged = [{"role": "user", "content": "FLAG-SelfHarm"}]
+        score = requests.post(server.url + "/score", json={"input_data": {"input_string": flagged}}, timeout=60)
+        assert score.status_code == 400 and score.json()["error"]["code"] == "content_filter", score.text
+        openai = requests.post(server.url + "/v1/chat/completions", json={"messages": flagged, "max_tokens": 4},
+                               timeout=60)
+        assert openai.status_code == 400 and openai.json()["error"]["code"] == "content_filter", openai.text
+        assert "SelfHarm" in openai.json()["error"]["message"]
+        fine = requests.post(server.url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 4},
+                             timeout=60)
+        assert fine.status_code == 200 and len(fake.calls) == 4  # two prompts refused, one prompt and its answer
