@@ -62,6 +62,8 @@ class ServerConfig:
     content_safety_key: str = field(default="", repr=False)  # empty: the managed identity; also CONTENT_SAFETY_KEY
     content_safety_fail_open: bool = False  # serve when screening fails, rather than refuse (503)
     safe_prompt: bool = False  # the guardrail prompt for every conversation that does not set safe_prompt
+    # Azure ML model data collection (collector.py), when the deployment's data_collector block enables it.
+    data_collection: bool = True
     # Logging.
     log_prompts: bool = False
 

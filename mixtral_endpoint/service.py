@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .checkpoint import inspect_checkpoint
+from .collector import DataCollector
 from .config import MODEL_NAME, ServerConfig
 from .constraints import Constraint
 from .detokenizer import Detokenizer
@@ -75,6 +76,7 @@ class Scorer:
         self.config = config
         self.line = Line(engine, config.max_queue)
         self.grammars = Grammars(tokenizer)
+        self.collector = DataCollector() if config.data_collection else None
         self.screen = Screen(config.content_safety_endpoint, threshold=config.content_safety_threshold,
                              fail_open=config.content_safety_fail_open, key=config.content_safety_key,
                              ) if config.content_safety_endpoint else None
@@ -273,6 +275,8 @@ class Scorer:
         seconds = now - submitted
         self.metrics.record(rows, [len(c.token_ids) for c in completions], [c.finish_reason for c in completions],
                             now)
+        if self.collector is not None:
+            self.collector.collect(request_id, request, completions)
         new_tokens = sum(len(c.token_ids) for c in completions)
         extra = f" prompt={request.conversation or request.prompts!r}" if self.config.log_prompts else ""
         log.info(

@@ -1,0 +1,92 @@
+"""Azure ML model data collection: what each request asked and what it was answered, through
+`azureml-ai-monitoring`, for model monitoring.
+
+Off unless the deployment enables it (its YAML's `data_collector` block, which makes Azure configure the
+collector; locally `AZUREML_MDC_ENABLED=true`, and `AZUREML_MDC_LOCAL_CAPTURE=true` logs what it would
+send). The core collects once per scored request, from every door, as two collections, `model_inputs`
+and `model_outputs`, each a one-row DataFrame correlated by the request's id (azmlinfsrv's
+`x-request-id`). A request only hands its rows to a bounded queue (full: they are dropped, and logged);
+one thread of ours builds the DataFrames and gives them to the SDK, whose own thread sends them. So the
+collector's failures and delays are logged and never fail or slow a request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from .protocol import Completion, ScoringRequest
+
+log = logging.getLogger(__name__)
+
+INPUTS, OUTPUTS = "model_inputs", "model_outputs"
+_QUEUE_ROWS = 1000  # requests waiting to be collected; past it, dropped
+
+
+class DataCollector:
+    """The two collections, or nothing when the deployment has not enabled them."""
+
+    def __init__(self) -> None:
+        self._starting: list[Exception] | None = []  # what the SDK reports while the collections are made
+        try:
+            from azureml.ai.monitoring import Collector
+
+            self._inputs = Collector(name=INPUTS, on_error=self._on_error)
+            self._outputs = Collector(name=OUTPUTS, on_error=self._on_error)
+        except Exception as exc:  # the SDK missing or broken: serve without it
+            self._starting.append(exc)
+        # The SDK says "not enabled" through on_error while a collection is made.
+        self.enabled = not self._starting
+        if self._starting:
+            log.info("model data collection is off: %s", self._starting[0])
+        else:
+            log.info("model data collection is on: %s and %s", INPUTS, OUTPUTS)
+            self._queue: queue.Queue = queue.Queue(_QUEUE_ROWS)
+            threading.Thread(target=self._send, name="mixtral-data-collection", daemon=True).start()
+        self._starting = None
+
+    def _on_error(self, error: Exception) -> None:
+        if self._starting is not None:
+            self._starting.append(error)
+        else:
+            log.warning("model data collection dropped a row: %s", error)
+
+    def collect(self, request_id: str, request: ScoringRequest, completions: Sequence[Completion]) -> None:
+        """Queues the request's rows for collection; never raises, never waits."""
+        if not self.enabled:
+            return
+        try:
+            self._queue.put_nowait((request_id, _inputs(request), [_outputs(c) for c in completions]))
+        except queue.Full:
+            log.warning("model data collection is behind; request %s was not collected", request_id)
+
+    def _send(self) -> None:
+        import pandas as pd
+        from azureml.ai.monitoring.context import BasicCorrelationContext
+
+        while True:
+            request_id, inputs, outputs = self._queue.get()
+            try:
+                context = BasicCorrelationContext(id=request_id)
+                self._inputs.collect(pd.DataFrame([inputs]), context)
+                self._outputs.collect(pd.DataFrame(outputs), context)
+            except Exception as exc:  # never the request's failure
+                log.warning("model data collection failed for request %s: %s", request_id, exc)
+
+
+def _inputs(request: ScoringRequest) -> dict[str, Any]:
+    settings = {k: v for k, v in vars(request.settings).items() if k != "constraint"}
+    if request.settings.constraint is not None:
+        settings["constraint"] = request.settings.constraint.kind
+    prompt = ([{"role": m.role, "content": m.content} for m in request.conversation]
+              if request.conversation is not None else list(request.prompts or ()))
+    return {"input_string": json.dumps(prompt, ensure_ascii=False), "parameters": json.dumps(settings)}
+
+
+def _outputs(completion: Completion) -> dict[str, Any]:
+    return {"output": completion.text, "finish_reason": completion.finish_reason,
+            "prompt_tokens": len(completion.prompt_token_ids), "completion_tokens": len(completion.token_ids)}

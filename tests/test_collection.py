@@ -1,0 +1,93 @@
+"""Azure ML model data collection through azureml-ai-monitoring: off unless enabled; with its local capture on
+a live azmlinfsrv, every door's request and answer are collected under the request's id; a collector that
+fails or hangs (a patched SDK) never fails or slows a request."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import azureml.ai.monitoring
+import pytest
+import requests
+
+from mixtral_endpoint import score_api
+from mixtral_endpoint.collector import DataCollector
+from mixtral_endpoint.config import ServerConfig
+from mixtral_endpoint.localserver import LocalServer
+from mixtral_endpoint.service import Scorer
+
+from .conftest import SERVER_ENV
+
+CHAT = [{"role": "user", "content": "Collect me."}]
+
+
+def test_collection_is_off_unless_the_deployment_enables_it(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("AZUREML_MDC_ENABLED", raising=False)
+    monkeypatch.delenv("AZUREML_MDC_CONFIG_PATH", raising=False)
+    assert not DataCollector().enabled
+
+
+def captured(log: Path, collection: str, request_id: str) -> list[dict]:
+    """The rows local capture logged for one request: `<time> | <collection> | <id> | <json rows>`."""
+    for line in log.read_text().splitlines():
+        parts = line.split(" | ")
+        if len(parts) >= 5 and parts[-3] == collection and parts[-2] == request_id:
+            return json.loads(parts[-1])
+    return []
+
+
+def test_every_door_is_collected_under_its_request_id(azureml_models: Path, tmp_path: Path):
+    env = {**SERVER_ENV, "AZUREML_MDC_ENABLED": "true", "AZUREML_MDC_LOCAL_CAPTURE": "true"}
+    log = tmp_path / "server.log"
+    with LocalServer(azureml_models, log, env, threads=4) as server:
+        score = requests.post(server.url + "/score", headers={"x-request-id": "score-1"}, timeout=60,
+                              json={"input_data": {"input_string": CHAT}, "parameters": {"max_new_tokens": 5}})
+        chat = requests.post(server.url + "/v1/chat/completions", headers={"x-request-id": "chat-1"}, timeout=60,
+                             json={"messages": CHAT, "max_tokens": 5, "temperature": 0})
+        assert score.status_code == chat.status_code == 200
+        deadline = time.monotonic() + 30
+        while not captured(log, "model_outputs", "chat-1") and time.monotonic() < deadline:
+            time.sleep(0.5)
+    for request_id, text in (("score-1", score.json()["output"]),
+                             ("chat-1", chat.json()["choices"][0]["message"]["content"])):
+        (inputs,) = captured(log, "model_inputs", request_id)
+        assert json.loads(inputs["input_string"]) == CHAT
+        assert json.loads(inputs["parameters"])["max_new_tokens"] == 5
+        (outputs,) = captured(log, "model_outputs", request_id)
+        assert outputs["output"] == text and outputs["completion_tokens"] == 5
+
+
+class BrokenCollector:
+    """The SDK's Collector, made to fail or hang from outside the product."""
+
+    hang = threading.Event()
+    calls = 0
+
+    def __init__(self, *, name: str, on_error=None) -> None:
+        self.name = name
+
+    def collect(self, data, correlation_context=None):
+        type(self).calls += 1
+        if self.name == "model_inputs":
+            self.hang.wait(timeout=30)  # a collector stuck on its sink
+        raise RuntimeError("collector broke")
+
+
+def test_a_failing_or_hanging_collector_never_fails_or_slows_a_request(scorer: Scorer,
+                                                                      monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(azureml.ai.monitoring, "Collector", BrokenCollector)
+    core = Scorer(scorer.engine, scorer.tokenizer, ServerConfig.from_env(SERVER_ENV))
+    core._close.detach()
+    assert core.collector is not None and core.collector.enabled
+    body = {"input_data": {"input_string": CHAT}, "parameters": {"max_new_tokens": 4}}
+    start = time.monotonic()
+    answers = [score_api.score(core, body) for _ in range(3)]
+    assert time.monotonic() - start < 20 and all(a["finish_reason"] == "length" for a in answers)
+    BrokenCollector.hang.set()
+    deadline = time.monotonic() + 10
+    while BrokenCollector.calls < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert BrokenCollector.calls == 3  # once a request: a failure does not stop the next one
