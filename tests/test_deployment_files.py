@@ -74,6 +74,13 @@ def test_the_azure_ml_sdk_loads_every_deployment_file():
     online = load_online_deployment(ROOT / "deployment.yml")
     assert online.instance_type == load("deployment.yml")["instance_type"]
     assert online.environment.conda_file["name"] == load("conda.yaml")["name"]
+    assert online.app_insights_enabled is True
+    assert {name for name, c in online.data_collector.collections.items() if c.enabled == "true"} == {
+        "model_inputs", "model_outputs"}
+    # Operations (README): Application Insights and model data collection of what collector.py sends.
+    assert online.app_insights_enabled is True
+    assert {name for name, c in online.data_collector.collections.items() if c.enabled == "true"} == {
+        "model_inputs", "model_outputs"}
     assert load_online_endpoint(ROOT / "endpoint.yml").auth_mode == "key"
     batch = load_batch_deployment(ROOT / "batch-deployment.yml")
     assert batch.endpoint_name == load_batch_endpoint(ROOT / "batch-endpoint.yml").name
@@ -112,6 +119,10 @@ def test_each_sku_file_loads_and_keeps_its_concurrency_timeouts_and_probes(name:
     assert online.endpoint_name == load("endpoint.yml")["name"]
     assert (ROOT / name).parent.joinpath(deployment["code_configuration"]["code"]).resolve() == ROOT
     assert online.environment.conda_file["name"] == load("conda.yaml")["name"]
+    # Operations (README): Application Insights and model data collection of what collector.py sends.
+    assert online.app_insights_enabled is True
+    assert {name for name, c in online.data_collector.collections.items() if c.enabled == "true"} == {
+        "model_inputs", "model_outputs"}
     env = {k: str(v) for k, v in deployment["environment_variables"].items()}
     assert set(env) - set(load("deployment.yml")["environment_variables"]) <= {
         "MIXTRAL_MAX_GPU_MEMORY", "MIXTRAL_GPU_MEMORY_UTILIZATION", "MIXTRAL_KV_CACHE_DTYPE"}
