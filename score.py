@@ -28,15 +28,16 @@ ENGINE_DIED = 70  # EX_SOFTWARE
 
 def init() -> None:
     global scorer
+    from azureml_inference_server_http.server import routes
+
     _log_to_stderr(logging.getLogger("mixtral_endpoint"))
+    _log_to_app_insights(logging.getLogger("mixtral_endpoint"), routes.main_blueprint)
     # The one place this door reads the environment; the settings are handed down from here.
     config = ServerConfig.from_env(os.environ)
     scorer = load_scorer(Path(os.environ.get("AZUREML_MODEL_DIR", "model")), config)
     # azmlinfsrv's health route cannot report a dead engine: end the worker, and gunicorn starts a fresh one.
     scorer.engine.on_death = _exit_worker
     # The OpenAI / Azure AI Model Inference routes: azmlinfsrv registers its blueprint after init().
-    from azureml_inference_server_http.server import routes
-
     openai_routes.register(routes.main_blueprint, lambda: scorer)
 
 
@@ -73,6 +74,16 @@ def _log_to_stderr(logger: logging.Logger) -> None:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False  # something in the stack configures the root logger too
+
+
+def _log_to_app_insights(logger: logging.Logger, blueprint: object) -> None:
+    """With the deployment's app_insights_enabled, azmlinfsrv sends its own loggers to Application Insights
+    through an OpenTelemetry handler; ours joins them, so each per-request line arrives with its fields as
+    customDimensions (service.py)."""
+    handler = getattr(getattr(blueprint, "appinsights_client", None), "azureLogHandler", None)
+    if handler is not None and handler not in logger.handlers:
+        logger.addHandler(handler)
+        log.info("per-request lines go to Application Insights, with their fields as customDimensions")
 
 
 def _error(exc: ScoringError) -> AMLResponse:

@@ -278,14 +278,18 @@ class Scorer:
         if self.collector is not None:
             self.collector.collect(request_id, request, completions)
         new_tokens = sum(len(c.token_ids) for c in completions)
-        extra = f" prompt={request.conversation or request.prompts!r}" if self.config.log_prompts else ""
-        log.info(
-            "request=%s engine=%s prompts=%d prompt_tokens=%d completion_tokens=%d queue_wait_s=%.3f ttft_s=%.3f "
-            "seconds=%.3f tokens_per_s=%.1f batch=%d finish=%s%s",
-            request_id, self.engine.name, len(rows), sum(len(r.prompt) for r in rows), new_tokens,
-            started - submitted, first - submitted, seconds, new_tokens / seconds if seconds > 0 else 0.0,
-            max(r.peak_batch for r in rows), ",".join(c.finish_reason for c in completions), extra,
-        )
+        # One line per request, its fields also as the record's attributes: Application Insights' customDimensions.
+        fields: dict[str, object] = {
+            "request_id": request_id, "engine": self.engine.name, "prompts": len(rows),
+            "prompt_tokens": sum(len(r.prompt) for r in rows), "completion_tokens": new_tokens,
+            "queue_wait_s": round(started - submitted, 3), "ttft_s": round(first - submitted, 3),
+            "seconds": round(seconds, 3), "tokens_per_s": round(new_tokens / seconds if seconds > 0 else 0.0, 1),
+            "batch": max(r.peak_batch for r in rows), "finish_reason": ",".join(c.finish_reason for c in completions),
+        }
+        if self.config.log_prompts:
+            fields["prompt"] = repr(request.conversation or request.prompts)
+        log.info(" ".join(f"{'request' if k == 'request_id' else k}=%s" for k in fields), *fields.values(),
+                 extra=fields)
 
 
 def _withheld(completion: Completion, released: str) -> Completion:
