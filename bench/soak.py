@@ -1,11 +1,12 @@
 """Soak test on loopback (`make soak`): many concurrent callers mixing good, bad and huge requests.
 
-    .venv/bin/python bench/soak.py [--seconds 120] [--callers 32] [--margin-mib 100]
+    .venv/bin/python bench/soak.py [--seconds 120] [--callers 32] [--margin-mib 100] [--operations]
 
 Bounded in time and count, against a real azmlinfsrv on 127.0.0.1 serving the embedded model.
 Fails (exit 1) on any answer other than 200 / 4xx / 429 / 503, on a dropped connection, on a
 server that is not healthy afterwards, or on worker memory growing more than --margin-mib.
-Prints p50/p99 latencies and the counts.
+Prints p50/p99 latencies and the counts. With --operations, the server runs with model data collection
+(to a local sink) and content screening (by a local text:analyze server) on, and /metrics scraped.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.operations import operations_env, scrape  # noqa: E402
 from mixtral_endpoint.localserver import LocalServer  # noqa: E402
 from mixtral_endpoint.packaging import package_model  # noqa: E402
 from mixtral_endpoint.tiny import build_tiny  # noqa: E402
@@ -86,15 +88,20 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=120)
     parser.add_argument("--callers", type=int, default=32)
     parser.add_argument("--margin-mib", type=float, default=100)
+    parser.add_argument("--operations", action="store_true", help="metrics scraped, data collection, screening")
     args = parser.parse_args()
 
     env = {"MIXTRAL_MAX_NEW_TOKENS": "32", "MIXTRAL_DEFAULT_MAX_NEW_TOKENS": "16", "MIXTRAL_MAX_BATCH_SIZE": "8",
            "MIXTRAL_MAX_QUEUE": "16"}
     stats = {"status": collections.Counter(), "kind": collections.Counter(), "latency": []}
     lock = threading.Lock()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, operations_env() as (operated, _, _):
         model = package_model(build_tiny(Path(tmp) / "tiny-mixtral"), Path(tmp) / "model")
-        with LocalServer(model, Path(tmp) / "server.log", env, threads=24) as server:
+        with LocalServer(model, Path(tmp) / "server.log", {**env, **(operated if args.operations else {})},
+                         threads=24) as server:
+            stop = threading.Event()
+            if args.operations:
+                threading.Thread(target=scrape, args=(server.url, stop), daemon=True).start()
             worker = psutil.Process(server.process.pid).children()[0]
             warm = random.Random(0)
             for _ in range(20):
@@ -110,6 +117,7 @@ def main() -> int:
             time.sleep(2)  # let cancelled streams leave the batch
             healthy = requests.post(server.url + "/score", json=chat(warm), timeout=60).status_code == 200
             rss_after = worker.memory_info().rss
+            stop.set()
     latency = sorted(stats["latency"])
     growth_mib = (rss_after - rss_before) / 2**20
     bad_statuses = {s: n for s, n in stats["status"].items() if s not in ALLOWED}
@@ -119,7 +127,7 @@ def main() -> int:
         "p50_s": round(statistics.median(latency), 3) if latency else None,
         "p99_s": round(latency[int(0.99 * (len(latency) - 1))], 3) if latency else None,
         "rss_before_mib": round(rss_before / 2**20, 1), "rss_after_mib": round(rss_after / 2**20, 1),
-        "rss_growth_mib": round(growth_mib, 1), "healthy_after": healthy,
+        "rss_growth_mib": round(growth_mib, 1), "healthy_after": healthy, "operations": args.operations,
     }
     print(json.dumps(report, indent=2))
     failures = [f"unexpected answers: {bad_statuses}"] if bad_statuses else []
