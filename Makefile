@@ -45,6 +45,10 @@ bench: install
 	$(BIN)/python bench/batch.py
 	$(BIN)/python bench/engines.py --model tiny
 	$(BIN)/python bench/engines.py --model medium
+	$(BIN)/python bench/structured.py --model tiny
+	$(BIN)/python bench/structured.py --model medium --repeat 3
+	$(BIN)/python bench/operations.py
+	$(BIN)/python bench/operations.py --model medium --new-tokens 128 --requests 2 --repeat 3
 
 # A bounded soak on loopback: two minutes of concurrent good, bad and huge requests (fails on errors or leaks).
 soak: install
