@@ -1,11 +1,11 @@
 """The one core every door calls: a parsed request in, its completions (or a stream of its text) out,
 or a typed error.
 
-Everything between the doors and the engine interface lives here, so both engines answer alike:
-tokenization, compiled grammars (grammar.py), the bounded line (line.py), deadlines, stop strings and the
-per-request log line. Each
-door parses its own API into a ScoringRequest and renders the Completions (score_api.py for /score,
-MLflow and batch jobs; openai_routes.py for the OpenAI routes).
+Everything between the doors and the engine interface lives here, so both engines and every door answer
+alike: tokenization, compiled grammars (grammar.py), the bounded line (line.py), deadlines, stop strings,
+content screening and the guardrail prompt (safety.py), data collection (collector.py), metrics and the
+per-request log line. Each door parses its own API into a ScoringRequest and renders the Completions
+(score_api.py for /score, MLflow and batch jobs; openai_routes.py for the OpenAI routes).
 """
 
 from __future__ import annotations
@@ -77,9 +77,9 @@ class Scorer:
         self.line = Line(engine, config.max_queue)
         self.grammars = Grammars(tokenizer)
         self.collector = DataCollector() if config.data_collection else None
-        self.screen = Screen(config.content_safety_endpoint, threshold=config.content_safety_threshold,
-                             fail_open=config.content_safety_fail_open, key=config.content_safety_key,
-                             ) if config.content_safety_endpoint else None
+        self.screen = None if not config.content_safety_endpoint else Screen(
+            config.content_safety_endpoint, threshold=config.content_safety_threshold,
+            fail_open=config.content_safety_fail_open, key=config.content_safety_key)
         # Closes the engine once: on close(), when the scorer is collected (a notebook or MLflow
         # loading the model again frees the last copy) or at interpreter exit, before torch is torn
         # down under the engine thread. It holds the engine, never the scorer.
