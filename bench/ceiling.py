@@ -1,6 +1,6 @@
 """The door and core's ceiling: how much of a GPU engine's throughput reaches the callers.
 
-    .venv/bin/python bench/ceiling.py [--callers 64 256] [--requests 4] [--new-tokens 128]
+    .venv/bin/python bench/ceiling.py [--callers 64 256] [--requests 4] [--new-tokens 128] [--operations]
 
 A real azmlinfsrv, under deployment.yml's own environment (its threads, batch, queue and vLLM
 settings), serves the embedded model on its vLLM engine, with vLLM's LLMEngine replaced by a
@@ -10,16 +10,23 @@ stand-in that steps in 20 ms + 0.06 ms per row (a bf16 Mixtral decode step on on
 
 The baseline, measured in the same run: the stand-in stepped alone with N rows, as many steps as
 the callers' tokens take. Printed: the share of that throughput the callers got.
+
+With --operations a second server runs beside the first, the same but with what an operator turns on
+(bench/operations.py: /metrics scraped every second, model data collection to a local sink, every prompt
+and answer screened by a local text:analyze server); the two are driven in turn and its throughput is
+printed over the plain server's: what operating the endpoint costs at GPU scale.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +35,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from operations import operations_env, scrape  # noqa: E402
 from simulated_vllm import SimulatedLLM  # noqa: E402
 
 from mixtral_endpoint.localserver import LocalServer  # noqa: E402
@@ -82,26 +90,45 @@ def main() -> None:
     parser.add_argument("--callers", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--operations", action="store_true", help="also an operated server, driven in turn")
     args = parser.parse_args()
     deployment = yaml.safe_load((ROOT / "deployment.yml").read_text())
     env = {k: str(v) for k, v in deployment["environment_variables"].items()}
     env |= {"SIM_STEP_MS": str(STEP_MS), "SIM_ROW_MS": str(ROW_MS)}
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
+    entry = ROOT / "bench" / "entry" / "simulated_score.py"
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         model_dir = package_model(build_tiny(Path(tmp) / "tiny-mixtral"), Path(tmp) / "model")
-        with LocalServer(model_dir, Path(tmp) / "server.log", env,
-                         entry_script=ROOT / "bench" / "entry" / "simulated_score.py") as server:
+        servers = {"plain": stack.enter_context(LocalServer(model_dir, Path(tmp) / "server.log", env,
+                                                            entry_script=entry))}
+        if args.operations:
+            operated, _, _ = stack.enter_context(operations_env())
+            servers["operated"] = stack.enter_context(LocalServer(model_dir, Path(tmp) / "operated.log",
+                                                                  {**env, **operated}, entry_script=entry))
+            stop = threading.Event()
+            stack.callback(stop.set)
+            threading.Thread(target=scrape, args=(servers["operated"].url, stop), daemon=True).start()
+        for server in servers.values():
             asyncio.run(crowd(server.port, 8, 1, 8, False))  # warm-up
-            for callers in args.callers:
-                rows = min(callers, int(env["MIXTRAL_MAX_BATCH_SIZE"]))
-                alone = engine_alone(rows, args.requests * args.new_tokens)
-                for stream in (False, True):
+        turn = 0
+        for callers in args.callers:
+            rows = min(callers, int(env["MIXTRAL_MAX_BATCH_SIZE"]))
+            alone = engine_alone(rows, args.requests * args.new_tokens)
+            for stream in (False, True):
+                rates = {}
+                order = list(servers.items())
+                for name, server in order[::-1] if turn % 2 else order:  # alternated: drift falls on both
                     tokens, seconds = asyncio.run(crowd(server.port, callers, args.requests, args.new_tokens, stream))
-                    results.append({"callers": callers, "stream": stream, "tokens": tokens,
+                    rates[name] = tokens / seconds
+                    results.append({"server": name, "callers": callers, "stream": stream, "tokens": tokens,
                                     "tokens_per_s": round(tokens / seconds, 1),
                                     "engine_alone_tokens_per_s": round(alone, 1),
                                     "share_of_engine": round(tokens / seconds / alone, 3)})
                     print(json.dumps(results[-1]), flush=True)
+                turn += 1
+                if "operated" in rates:
+                    print(json.dumps({"callers": callers, "stream": stream,
+                                      "operated_over_plain": round(rates["operated"] / rates["plain"], 3)}), flush=True)
     print(json.dumps({"machine": "see README", "step_ms": STEP_MS, "row_ms": ROW_MS,
                       "deployment": {k: env[k] for k in ("GUNICORN_CMD_ARGS", "MIXTRAL_MAX_BATCH_SIZE",
                                                          "MIXTRAL_MAX_QUEUE")}, "results": results}, indent=2))
