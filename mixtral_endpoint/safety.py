@@ -6,8 +6,10 @@ Violence, in chunks of 1000 characters; a category whose severity is over the th
 medium and high levels, as Azure's default filter) flags the text. A flagged prompt is a 400 with code
 `content_filter`; a flagged answer ends with `finish_reason: content_filter`, its flagged text withheld. A
 stream is screened as it goes: its text is released window by window, each once screened, so a flag
-mid-stream ends it without sending the flagged window. When screening itself fails, the setting decides:
-fail closed (a 503 for a prompt, `content_filter` for an answer) or fail open (logged, and served).
+mid-stream ends it without sending the flagged window (windows start at 200 characters, so the first text
+comes soon, and double up to the 1000 of a chunk, so a long answer costs few calls). When screening
+itself fails, the setting decides: fail closed (a 503 for a prompt, `content_filter` for an answer) or
+fail open (logged, and served).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ log = logging.getLogger(__name__)
 
 CATEGORIES: Final = ("Hate", "SelfHarm", "Sexual", "Violence")
 CHUNK_CHARS: Final = 1000  # the catalog container's chunk; the service takes up to 10k characters a call
-STREAM_WINDOW_CHARS: Final = 200  # a stream's text is released after each screened window of this many characters
+STREAM_WINDOW_CHARS: Final = 200  # a stream's first screened window; each next one is twice as long, up to a chunk
 # Mistral's `safe_prompt`: this system prompt goes before the conversation.
 GUARDRAIL: Final = ("Always assist with care, respect, and truth. Respond with utmost utility yet securely. Avoid "
                     "harmful, unethical, prejudiced, or negative content. Ensure replies promote fairness and "

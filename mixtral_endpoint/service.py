@@ -43,7 +43,7 @@ from .protocol import (
     ScoringRequest,
     parse_json,
 )
-from .safety import STREAM_WINDOW_CHARS, Screen, with_guardrail
+from .safety import CHUNK_CHARS, STREAM_WINDOW_CHARS, Screen, with_guardrail
 from .tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,8 @@ class Scorer:
 
     def _stream(self, request_id: str, request: ScoringRequest, row: Row, text: Detokenizer,
                 sink: queue.SimpleQueue) -> Iterator[str | Completion]:
-        released, held, flagged = "", "", False  # with screening, text is released window by window (safety.py)
+        # With screening, text is released window by window, each once screened (safety.py).
+        released, held, flagged, window = "", "", False, STREAM_WINDOW_CHARS
         try:
             with contextlib.closing(self._follow(request_id, [row], [text], sink)) as pieces:
                 for piece in pieces:
@@ -233,12 +234,12 @@ class Scorer:
                         yield piece
                         continue
                     held += piece
-                    if len(held) >= STREAM_WINDOW_CHARS:
+                    if len(held) >= window:
                         if flagged := self.screen.answer_flagged(held):
                             break  # closing _follow cancels the row
-                        window, held = held, ""
-                        released += window
-                        yield window
+                        released, piece, held = released + held, held, ""
+                        window = min(2 * window, CHUNK_CHARS)
+                        yield piece
         except GeneratorExit:  # the caller went away; _follow has cancelled the row
             row.done.wait(timeout=_GRACE_S)
             log.info("request=%s engine=%s cancelled: the caller went away; generation stopped after %d tokens "

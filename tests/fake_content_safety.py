@@ -23,6 +23,8 @@ class FakeContentSafety:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as the service: the client reuses its connection
+
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.calls.append({**body, "key": self.headers.get("Ocp-Apim-Subscription-Key"),
