@@ -32,30 +32,23 @@ class DataCollector:
     """The two collections, or nothing when the deployment has not enabled them."""
 
     def __init__(self) -> None:
-        self._starting: list[Exception] | None = []  # what the SDK reports while the collections are made
+        refusals: list[Exception] = []  # the SDK says "not enabled" through on_error while a collection is made
         try:
             from azureml.ai.monitoring import Collector
 
-            self._inputs = Collector(name=INPUTS, on_error=self._on_error)
-            self._outputs = Collector(name=OUTPUTS, on_error=self._on_error)
+            # Made here only to ask the SDK whether the deployment enabled them; the child sends with its own.
+            Collector(name=INPUTS, on_error=refusals.append)
+            Collector(name=OUTPUTS, on_error=refusals.append)
         except Exception as exc:  # the SDK missing or broken: serve without it
-            self._starting.append(exc)
-        # The SDK says "not enabled" through on_error while a collection is made.
-        self.enabled = not self._starting
-        if self._starting:
-            log.info("model data collection is off: %s", self._starting[0])
-        else:
-            log.info("model data collection is on: %s and %s, sent from a child process", INPUTS, OUTPUTS)
-            context = multiprocessing.get_context("spawn")  # never fork a process that holds an engine
-            self._queue = context.Queue(_QUEUE_ROWS)
-            context.Process(target=_serve, args=(self._queue,), name="mixtral-data-collection", daemon=True).start()
-        self._starting = None
-
-    def _on_error(self, error: Exception) -> None:
-        if self._starting is not None:
-            self._starting.append(error)
-        else:
-            log.warning("model data collection dropped a row: %s", error)
+            refusals.append(exc)
+        self.enabled = not refusals
+        if refusals:
+            log.info("model data collection is off: %s", refusals[0])
+            return
+        log.info("model data collection is on: %s and %s, sent from a child process", INPUTS, OUTPUTS)
+        context = multiprocessing.get_context("spawn")  # never fork a process that holds an engine
+        self._queue = context.Queue(_QUEUE_ROWS)
+        context.Process(target=_serve, args=(self._queue,), name="mixtral-data-collection", daemon=True).start()
 
     def collect(self, request_id: str, request: ScoringRequest, completions: Sequence[Completion]) -> None:
         """Queues the request's rows for collection; never raises, never waits."""
