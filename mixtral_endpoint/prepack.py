@@ -70,8 +70,11 @@ def prepack(model: nn.Module, *, fused_moe: bool = True) -> int:
 def fused_moe_available() -> bool:
     """Whether vLLM's CPU fused MoE kernel is there: vLLM's CPU build installed (not its GPU build)."""
     try:
-        import vllm._C  # noqa: F401  (registers vLLM's CPU kernels as torch.ops._C)
+        from vllm.platforms.cpu import CpuPlatform
 
+        # Registers vLLM's CPU kernels as torch.ops._C from the build this CPU runs (AVX-512 with or
+        # without bf16, or AVX2): importing `vllm._C` itself is an illegal instruction on an AVX2 CPU.
+        CpuPlatform.import_kernels()
         return hasattr(torch.ops._C, "cpu_fused_moe")
     except (ImportError, OSError, RuntimeError) as e:
         log.info("vLLM's CPU fused MoE kernel is not available (%s): experts blocks take oneDNN", e)
