@@ -14,12 +14,24 @@ fail open (logged, and served).
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
 import logging
+import multiprocessing
+import threading
+import time
 from collections.abc import Sequence
-from typing import Final
+from concurrent.futures import Future, ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 from .errors import ContentFiltered, ModelNotReady
 from .protocol import Message
+
+if TYPE_CHECKING:
+    from azure.ai.contentsafety import ContentSafetyClient
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +43,11 @@ GUARDRAIL: Final = ("Always assist with care, respect, and truth. Respond with u
                     "harmful, unethical, prejudiced, or negative content. Ensure replies promote fairness and "
                     "positivity.")
 _RETRY_AFTER_S = 5
+_CONCURRENT_CALLS = 10  # the calls the child makes at once: as many as `requests` keeps connections to a host
+_START_S = 60  # for a child to import the client and make it
+
+# A chunk's answer from the child: its (category, severity) pairs, or why there are none.
+Answer: TypeAlias = list[tuple[str, "int | None"]] | str
 
 
 def with_guardrail(conversation: Sequence[Message]) -> tuple[Message, ...]:
@@ -41,44 +58,48 @@ def with_guardrail(conversation: Sequence[Message]) -> tuple[Message, ...]:
 
 
 class Screen:
-    """An Azure AI Content Safety client and the rules for what its answers mean."""
+    """Azure AI Content Safety, called from a child process of ours, and the rules for what its answers mean.
+
+    The client costs about a millisecond of CPU a call in azure-core and `requests`, two calls or more a
+    request; in the server's process that is the GIL that the door and the engine's loop need (measured:
+    screening in a thread of the server cost the simulated GPU server 13-25% of its throughput). So a child
+    process makes the calls, `_CONCURRENT_CALLS` at a time, and the server only passes it each chunk and
+    waits. A child that dies is replaced: the calls it held fail (as the setting says), later ones go on.
+    """
 
     def __init__(self, endpoint: str, *, threshold: int, fail_open: bool, key: str = "",
                  timeout_s: float = 10.0) -> None:
-        from azure.ai.contentsafety import ContentSafetyClient
-
-        if key:
-            from azure.core.credentials import AzureKeyCredential
-
-            credential = AzureKeyCredential(key)
-        else:  # the deployment's managed identity (the role "Cognitive Services User" on the resource)
-            from azure.identity import DefaultAzureCredential
-
-            credential = DefaultAzureCredential()
-        self._client = ContentSafetyClient(endpoint, credential, connection_timeout=timeout_s, read_timeout=timeout_s,
-                                           retry_total=1)
         self.threshold = threshold
         self.fail_open = fail_open
+        self._client_args = (endpoint, key, timeout_s)
+        self._wait_s = 4 * timeout_s  # two tries of a connect and a read: past it the child is hung
+        self._lock = threading.Lock()  # the pipe's sending end, the calls waiting and the child
+        self._waiting: dict[int, Future[Answer]] = {}
+        self._ids = itertools.count()
+        self._closed = False
+        self._process, self._calls = self._start()  # a child that cannot make a client fails init() here
+        threading.Thread(target=self._read_answers, name="mixtral-screening-answers", daemon=True).start()
 
     def flagged(self, text: str) -> str | None:
-        """The first category over the threshold in any chunk of `text`, or None; raises ScreeningFailed."""
-        from azure.ai.contentsafety.models import AnalyzeTextOptions
+        """The first category over the threshold in any chunk of `text`, or None; raises ScreeningFailed.
 
-        for start in range(0, len(text), CHUNK_CHARS):
+        The chunks are screened at once: a long text takes one round trip, not one per chunk."""
+        answers = [self._call(text[start:start + CHUNK_CHARS]) for start in range(0, len(text), CHUNK_CHARS)]
+        for answer in answers:
             try:
-                chunk = text[start:start + CHUNK_CHARS]
-                result = self._client.analyze_text(AnalyzeTextOptions(text=chunk, categories=list(CATEGORIES),
-                                                                      output_type="FourSeverityLevels"))
-            except Exception as exc:  # the service, the network or the credential
-                log.error("content screening failed (%s)", "served anyway: fail open" if self.fail_open else
-                          "fail closed", exc_info=exc)
+                severities = answer.result(timeout=self._wait_s)
+            except TimeoutError:
+                severities = f"no answer in {self._wait_s:.0f} s"
+            if isinstance(severities, str):  # the service, the network, the credential or the child
+                log.error("content screening failed (%s): %s",
+                          "served anyway: fail open" if self.fail_open else "fail closed", severities)
                 if self.fail_open:
                     return None
                 raise ScreeningFailed("content screening is unavailable; retry shortly",
                                       retry_after=_RETRY_AFTER_S) from None
-            for analysis in result.categories_analysis:
-                if (analysis.severity or 0) > self.threshold:
-                    return str(analysis.category)
+            for category, severity in severities:
+                if (severity or 0) > self.threshold:
+                    return category
         return None
 
     def check_prompt(self, texts: Sequence[str], param: str) -> None:
@@ -96,6 +117,127 @@ class Screen:
         except ScreeningFailed:
             return True
 
+    def close(self) -> None:
+        """Ends the child (it ends with the server anyway: a daemon)."""
+        with self._lock:
+            self._closed = True
+            with contextlib.suppress(OSError):  # it may have gone already
+                self._calls.send(None)  # the child returns, and the reader sees the pipe end
+        self._process.join(timeout=5)
+        if self._process.is_alive():
+            self._process.kill()
+
+    def _call(self, chunk: str) -> Future[Answer]:
+        answer: Future[Answer] = Future()
+        with self._lock:
+            call_id = next(self._ids)
+            self._waiting[call_id] = answer
+            try:
+                self._calls.send((call_id, chunk))
+            except OSError as exc:  # the child has gone; the reader is starting another
+                del self._waiting[call_id]
+                answer.set_result(f"the screening process has gone ({exc})")
+        return answer
+
+    def _start(self) -> tuple[BaseProcess, Connection]:
+        context = multiprocessing.get_context("spawn")  # never fork a process that holds an engine
+        ours, theirs = context.Pipe()
+        process = context.Process(target=_serve, args=(theirs, *self._client_args), name="mixtral-screening",
+                                  daemon=True)
+        process.start()
+        theirs.close()
+        if not ours.poll(_START_S):
+            process.kill()
+            raise RuntimeError(f"the content screening process did not start in {_START_S} s")
+        _, failure = ours.recv()
+        if failure is not None:
+            raise RuntimeError(f"the content screening process could not make its client: {failure}")
+        return process, ours
+
+    def _read_answers(self) -> None:
+        while True:
+            try:
+                call_id, severities = self._calls.recv()
+            except (EOFError, OSError):  # the child died, or returned on close()
+                if self._closed or not self._restart():
+                    self._calls.close()
+                    return
+                continue
+            with self._lock:
+                answer = self._waiting.pop(call_id, None)
+            if answer is not None:
+                answer.set_result(severities)
+
+    def _restart(self) -> bool:
+        """Fails the calls the dead child held and starts another; False once closed."""
+        log.error("the content screening process ended (exit code %s); starting another", self._process.exitcode)
+        with self._lock:
+            for answer in self._waiting.values():
+                answer.set_result("the screening process ended")
+            self._waiting.clear()
+        while not self._closed:
+            try:
+                process, calls = self._start()
+            except (OSError, RuntimeError) as exc:
+                log.error("%s; trying again in %s s", exc, _RETRY_AFTER_S)
+                time.sleep(_RETRY_AFTER_S)
+                continue
+            with self._lock:
+                self._calls.close()
+                self._process, self._calls = process, calls
+                if not self._closed:
+                    return True
+            self.close()
+        return False
+
 
 class ScreeningFailed(ModelNotReady):
     """Screening was unavailable and the server fails closed: a 503 with Retry-After."""
+
+
+def _serve(calls: Connection, endpoint: str, key: str, timeout_s: float) -> None:
+    """The screening process: each chunk the server sends, analysed on one of a few threads; its answer
+    is the (category, severity) pairs, or a string saying why there are none."""
+    try:
+        client = _client(endpoint, key, timeout_s)
+    except Exception as exc:  # noqa: BLE001 (the server says it and fails init)
+        calls.send((None, f"{type(exc).__name__}: {exc}"))
+        return
+    calls.send((None, None))
+    sending = threading.Lock()
+
+    def analyse(call_id: int, chunk: str) -> None:
+        try:
+            body = json.dumps({"text": chunk, "categories": CATEGORIES, "outputType": "FourSeverityLevels"})
+            # As bytes, streamed back: the client's model classes would cost as much CPU as the call.
+            result = json.loads(b"".join(client.analyze_text(body.encode(), stream=True)))
+            answer: Answer = [(a["category"], a.get("severity")) for a in result["categoriesAnalysis"]]
+        except Exception as exc:  # noqa: BLE001 (the server logs it and fails open or closed)
+            answer = f"{type(exc).__name__}: {exc}"
+        with sending:
+            calls.send((call_id, answer))
+
+    with ThreadPoolExecutor(_CONCURRENT_CALLS, thread_name_prefix="screen") as pool:
+        while True:
+            try:
+                call = calls.recv()
+            except (EOFError, OSError):  # the server process has ended
+                return
+            if call is None:  # the server closed the screen
+                return
+            pool.submit(analyse, *call)
+
+
+def _client(endpoint: str, key: str, timeout_s: float) -> ContentSafetyClient:
+    from azure.ai.contentsafety import ContentSafetyClient
+
+    if key:
+        from azure.core.credentials import AzureKeyCredential
+
+        credential = AzureKeyCredential(key)
+    else:  # the deployment's managed identity (the role "Cognitive Services User" on the resource)
+        from azure.identity import DefaultAzureCredential
+
+        credential = DefaultAzureCredential()
+    return ContentSafetyClient(endpoint, credential, connection_timeout=timeout_s, read_timeout=timeout_s,
+                               retry_total=1)

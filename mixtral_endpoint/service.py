@@ -82,8 +82,9 @@ class Scorer:
             fail_open=config.content_safety_fail_open, key=config.content_safety_key)
         # Closes the engine once: on close(), when the scorer is collected (a notebook or MLflow
         # loading the model again frees the last copy) or at interpreter exit, before torch is torn
-        # down under the engine thread. It holds the engine, never the scorer.
+        # down under the engine thread. It holds the engine, never the scorer; so for the screening process.
         self._close = weakref.finalize(self, engine.close)
+        self._close_screen = weakref.finalize(self, self.screen.close) if self.screen is not None else None
         # The engine's window: the model's context, or on vLLM at most what its KV cache holds.
         window = engine.context_window
         self.max_total_tokens = min(config.max_total_tokens, window) if config.max_total_tokens else window
@@ -97,8 +98,11 @@ class Scorer:
         return cls(load_engine(checkpoint, config), tokenizer, config)
 
     def close(self) -> None:
-        """Closes the engine, once (a door's shutdown and interpreter exit may both ask)."""
+        """Closes the engine and the screening process, once (a door's shutdown and interpreter exit may
+        both ask)."""
         self._close()
+        if self._close_screen is not None:
+            self._close_screen()
 
     def read_json(self, body: BinaryIO, *, declared_length: int | None = None) -> Any:
         """A request body as a door receives it: the size cap, then JSON. A body whose declared length

@@ -2,13 +2,15 @@
 2023-10-01), for the screening tests: the real service cannot be reached from here.
 
 A text's severity for a category is 4 (medium) where it holds `FLAG-<category>`, 2 (low) where it holds
-`LOW-<category>`, else 0. `fail` makes every call a 500; `flag_after` flags every call past that many.
+`LOW-<category>`, else 0. `fail` makes every call a 500; `flag_after` flags every call past that many;
+`delay_s` holds each answer.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -20,6 +22,7 @@ class FakeContentSafety:
         self.calls: list[dict[str, Any]] = []  # each request's body, with its key header
         self.fail = False
         self.flag_after: int | None = None
+        self.delay_s = 0.0
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -28,6 +31,7 @@ class FakeContentSafety:
 
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                time.sleep(fake.delay_s)
                 fake.calls.append({**body, "key": self.headers.get("Ocp-Apim-Subscription-Key"),
                                    "path": self.path})
                 if fake.fail or not self.path.split("?")[0].endswith("/text:analyze"):
@@ -57,6 +61,7 @@ class FakeContentSafety:
         self.calls.clear()
         self.fail = False
         self.flag_after = None
+        self.delay_s = 0.0
 
     def close(self) -> None:
         self._server.shutdown()

@@ -5,7 +5,11 @@ guardrail prompt, token-exact through mistral-common."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,7 +20,7 @@ from mixtral_endpoint.config import ServerConfig
 from mixtral_endpoint.errors import ContentFiltered, ModelNotReady
 from mixtral_endpoint.localserver import LocalServer
 from mixtral_endpoint.protocol import Message
-from mixtral_endpoint.safety import GUARDRAIL, STREAM_WINDOW_CHARS
+from mixtral_endpoint.safety import GUARDRAIL, STREAM_WINDOW_CHARS, Screen, ScreeningFailed
 from mixtral_endpoint.service import Scorer
 
 from .conftest import SERVER_ENV
@@ -70,7 +74,7 @@ def test_a_severity_at_the_threshold_passes_and_every_answer_is_screened(core: S
 def test_long_texts_are_screened_in_chunks_of_1000_characters(core: Scorer, fake: FakeContentSafety):
     with pytest.raises(ContentFiltered):
         score_api.score(core, chat("x" * 1500 + " FLAG-Sexual"))
-    assert [len(c["text"]) for c in fake.calls] == [1000, 512]
+    assert sorted(len(c["text"]) for c in fake.calls) == [512, 1000]  # screened at once
 
 
 def test_a_flagged_answer_is_withheld_with_finish_reason_content_filter(core: Scorer, fake: FakeContentSafety):
@@ -98,6 +102,27 @@ def test_screening_that_fails_closed_is_a_503_and_open_is_served(scorer: Scorer,
     assert caught.value.status == 503 and caught.value.retry_after
     opened = screened_scorer(scorer, fake, MIXTRAL_CONTENT_SAFETY_FAIL_OPEN="true")
     assert score_api.score(opened, chat("hi"))["finish_reason"] in ("stop", "length")
+
+
+def test_a_killed_screening_process_fails_its_calls_and_is_replaced(fake: FakeContentSafety):
+    fake.reset()
+    screen = Screen(fake.url, threshold=2, fail_open=False, key="k")
+    try:
+        assert screen.flagged("FLAG-Hate") == "Hate"
+        fake.delay_s = 2.0  # the next call is in the child when it dies
+        held = ThreadPoolExecutor(1).submit(screen.flagged, "held")
+        time.sleep(0.5)
+        os.kill(screen._process.pid, signal.SIGKILL)
+        with pytest.raises(ScreeningFailed):  # fail closed: the call it held fails, at once
+            held.result(timeout=5)
+        fake.delay_s = 0.0
+        deadline = time.monotonic() + 60
+        while screen._process.exitcode is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert screen.flagged("FLAG-Violence") == "Violence" and screen.flagged("fine") is None
+    finally:
+        screen.close()
+    assert screen._process.exitcode == 0
 
 
 def test_safe_prompt_puts_mistrals_guardrail_first_token_exact(scorer: Scorer, tokenizer):
