@@ -9,7 +9,7 @@ stream is screened as it goes: its text is released window by window, each once 
 mid-stream ends it without sending the flagged window (windows start at 200 characters, so the first text
 comes soon, and double up to the 1000 of a chunk, so a long answer costs few calls). When screening
 itself fails, the setting decides: fail closed (a 503 for a prompt, `content_filter` for an answer) or
-fail open (logged, and served).
+fail open (logged, and served). The client runs in a child process (`Screen`).
 """
 
 from __future__ import annotations
@@ -170,6 +170,7 @@ class Screen:
 
     def _restart(self) -> bool:
         """Fails the calls the dead child held and starts another; False once closed."""
+        self._process.join(timeout=1)
         log.error("the content screening process ended (exit code %s); starting another", self._process.exitcode)
         with self._lock:
             for answer in self._waiting.values():

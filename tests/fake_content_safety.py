@@ -31,9 +31,9 @@ class FakeContentSafety:
 
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                time.sleep(fake.delay_s)
                 fake.calls.append({**body, "key": self.headers.get("Ocp-Apim-Subscription-Key"),
                                    "path": self.path})
+                time.sleep(fake.delay_s)
                 if fake.fail or not self.path.split("?")[0].endswith("/text:analyze"):
                     self._answer(500, {"error": {"code": "InternalServerError", "message": "fake outage"}})
                     return

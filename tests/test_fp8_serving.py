@@ -27,10 +27,12 @@ def test_vllm_serves_a_packaged_fp8_checkpoint(tiny_checkpoint: Path, tokenizer:
     log = tmp_path / "azmlinfsrv.log"
     server = LocalServer(model_dir, log, {**SERVER_ENV, "MIXTRAL_ENGINE": "vllm"}, threads=2)
     if not torch.cpu._is_amx_tile_supported():
-        # vLLM's CPU build has FP8 MoE kernels only for CPUs with AMX: the server refuses at start-up, naming it.
+        # vLLM's CPU build has FP8 kernels only for CPUs with AMX: the server refuses at start-up, naming what
+        # is missing (with AVX-512, the MoE kernel; with AVX2 only, the linear layers' already).
         assert not server.wait_ready(timeout=300)
         server.stop()
-        assert "FP8 MoE backend" in log.read_text()
+        text = log.read_text()
+        assert "FP8 MoE backend" in text or "requires AMX tile support" in text
         return
     with server:
         body = {"input_data": {"input_string": [PROMPT]},
