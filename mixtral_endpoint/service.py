@@ -82,7 +82,7 @@ class Scorer:
             fail_open=config.content_safety_fail_open, key=config.content_safety_key)
         # Closes the engine once: on close(), when the scorer is collected (a notebook or MLflow
         # loading the model again frees the last copy) or at interpreter exit, before torch is torn
-        # down under the engine thread. It holds the engine, never the scorer; so for the screening process.
+        # down under the engine thread. It holds the engine, never the scorer; the screen's closer likewise.
         self._close = weakref.finalize(self, engine.close)
         self._close_screen = weakref.finalize(self, self.screen.close) if self.screen is not None else None
         # The engine's window: the model's context, or on vLLM at most what its KV cache holds.
