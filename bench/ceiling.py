@@ -35,7 +35,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from operations import operations_env, scrape  # noqa: E402
+from operations import cpu_seconds, operations_env, scrape  # noqa: E402
 from simulated_vllm import SimulatedLLM  # noqa: E402
 
 from mixtral_endpoint.localserver import LocalServer  # noqa: E402
@@ -102,7 +102,7 @@ def main() -> None:
         servers = {"plain": stack.enter_context(LocalServer(model_dir, Path(tmp) / "server.log", env,
                                                             entry_script=entry))}
         if args.operations:
-            operated, _, _ = stack.enter_context(operations_env())
+            operated = stack.enter_context(operations_env()).env
             servers["operated"] = stack.enter_context(LocalServer(model_dir, Path(tmp) / "operated.log",
                                                                   {**env, **operated}, entry_script=entry))
             stop = threading.Event()
@@ -118,12 +118,16 @@ def main() -> None:
                 rates = {}
                 order = list(servers.items())
                 for name, server in order[::-1] if turn % 2 else order:  # alternated: drift falls on both
+                    before = cpu_seconds(server)
                     tokens, seconds = asyncio.run(crowd(server.port, callers, args.requests, args.new_tokens, stream))
+                    spent = {part: s - before[part] for part, s in cpu_seconds(server).items()}
                     rates[name] = tokens / seconds
                     results.append({"server": name, "callers": callers, "stream": stream, "tokens": tokens,
                                     "tokens_per_s": round(tokens / seconds, 1),
                                     "engine_alone_tokens_per_s": round(alone, 1),
-                                    "share_of_engine": round(tokens / seconds / alone, 3)})
+                                    "share_of_engine": round(tokens / seconds / alone, 3),
+                                    **{f"{part}_cpu_ms_per_request": round(1000 * s / (callers * args.requests), 2)
+                                       for part, s in spent.items()}})
                     print(json.dumps(results[-1]), flush=True)
                 turn += 1
                 if "operated" in rates:

@@ -11,13 +11,17 @@ alternate, so the drift of a shared machine falls on both alike); each figure is
   Azure's collector sidecar; every prompt and answer screened by a local server that speaks Content
   Safety's `text:analyze`; `/metrics` scraped every second.
 The callers post /score conversations; the ratio is the operated server's throughput over the plain one's.
-The screening server answers at once: the service's own latency (a round trip to Azure) comes on top.
+The sink and the screening server run in a process of their own (in Azure neither shares the callers' GIL);
+the screening server answers at once: the service's own latency (a round trip to Azure) comes on top.
+Also printed: the CPU each server spent per request, in its own process and in its helpers (the screening
+and collecting children), which on a GPU machine run on cores the server does not use.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -26,8 +30,10 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from multiprocessing.connection import Connection
 from pathlib import Path
 
+import psutil
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,15 +76,68 @@ class Sink:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
 
-@contextlib.contextmanager
-def operations_env() -> Iterator[tuple[dict[str, str], Sink, FakeContentSafety]]:
-    """The environment that turns on data collection (to a local sink) and screening (by a local server)."""
+def _serve_stand_ins(conn: Connection) -> None:
+    """The stand-ins' process: answers each message on `conn` with the counts so far, until it is sent None."""
     sink, screen = Sink(), FakeContentSafety()
+    conn.send((sink.port, screen.url))
+    while conn.recv() is not None:
+        conn.send((sink.rows, len(screen.calls)))
+    screen.close()
+
+
+class StandIns:
+    """Azure's collector sidecar and the Content Safety service, stood in for by a Sink and a FakeContentSafety
+    in a process of their own: in this one they would hold the callers' GIL, which neither does in Azure."""
+
+    def __init__(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, theirs = context.Pipe()
+        self.process = context.Process(target=_serve_stand_ins, args=(theirs,), name="stand-ins", daemon=True)
+        self.process.start()
+        sink_port, screen_url = self._conn.recv()
+        self.env = {"AZUREML_MDC_ENABLED": "true", "AZUREML_MDC_HOST": "127.0.0.1", "AZUREML_MDC_PORT": str(sink_port),
+                    "CONTENT_SAFETY_ENDPOINT": screen_url, "CONTENT_SAFETY_KEY": "bench"}
+
+    def counts(self) -> tuple[int, int]:
+        """Rows the sink received, texts the screening server was sent."""
+        self._conn.send("counts")
+        return self._conn.recv()
+
+    def settled_counts(self, patience_s: float = 30) -> tuple[int, int]:
+        """The counts once a second has passed without a row: what a collector still catching up sent by then."""
+        counts, deadline = self.counts(), time.monotonic() + patience_s
+        while time.monotonic() < deadline:
+            time.sleep(1)
+            counts, last = self.counts(), counts
+            if counts == last:
+                break
+        return counts
+
+    def close(self) -> None:
+        self._conn.send(None)
+        self.process.join(10)
+
+
+@contextlib.contextmanager
+def operations_env() -> Iterator[StandIns]:
+    """The stand-ins whose `env` turns on data collection (to the sink) and screening (by the local server)."""
+    stand_ins = StandIns()
     try:
-        yield ({"AZUREML_MDC_ENABLED": "true", "AZUREML_MDC_HOST": "127.0.0.1", "AZUREML_MDC_PORT": str(sink.port),
-                "CONTENT_SAFETY_ENDPOINT": screen.url, "CONTENT_SAFETY_KEY": "bench"}, sink, screen)
+        yield stand_ins
     finally:
-        screen.close()
+        stand_ins.close()
+
+
+def cpu_seconds(server: LocalServer) -> dict[str, float]:
+    """CPU seconds so far of the server's processes: its own (gunicorn's), and its helpers (our spawned children)."""
+    spent = {"server": 0.0, "helpers": 0.0}
+    master = psutil.Process(server.process.pid)
+    for process in [master, *master.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            spawned = "multiprocessing" in " ".join(process.cmdline())
+            spent["helpers" if spawned else "server"] += times.user + times.system
+    return spent
 
 
 def phase(url: str, callers: int, per_caller: int, new_tokens: int) -> float:
@@ -115,9 +174,9 @@ def main() -> None:
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     base = {"MIXTRAL_MAX_BATCH_SIZE": str(args.callers), "MIXTRAL_MAX_QUEUE": str(4 * args.callers)}
-    with tempfile.TemporaryDirectory() as tmp, operations_env() as (operated_env, sink, screen):
+    with tempfile.TemporaryDirectory() as tmp, operations_env() as stand_ins:
         model = package_model(build_checkpoint(args.model, Path(tmp) / args.model), Path(tmp) / "model")
-        chosen = {k: v for k, v in operated_env.items()
+        chosen = {k: v for k, v in stand_ins.env.items()
                   if ("collection" in parts or "MDC" not in k) and ("screening" in parts or "SAFETY" not in k)}
         threads = 3 * args.callers
         with LocalServer(model, Path(tmp) / "plain.log", base, threads=threads) as plain, \
@@ -128,20 +187,29 @@ def main() -> None:
             for server in (plain, operated):
                 phase(server.url, args.callers, 1, args.new_tokens)  # warm
             rates: dict[str, list[float]] = {"plain": [], "operated": []}
+            cpu = {name: {"server": 0.0, "helpers": 0.0} for name in rates}
             for round_ in range(args.repeat):
                 order = (("plain", plain), ("operated", operated))
                 for name, server in order if round_ % 2 == 0 else order[::-1]:
+                    before = cpu_seconds(server)
                     rates[name].append(phase(server.url, args.callers, args.requests, args.new_tokens))
+                    for part, seconds in cpu_seconds(server).items():
+                        cpu[name][part] += seconds - before[part]
             stop.set()
+            collected, screened = stand_ins.settled_counts()
             log = (Path(tmp) / "operated.log").read_text()
-            collected, screened = sink.rows, len(screen.calls)
     plain_rate, operated_rate = (statistics.median(rates[k]) for k in ("plain", "operated"))
+    per_request = {name: {part: f"{1000 * seconds / (args.repeat * args.callers * args.requests):.2f}"
+                          for part, seconds in spent.items()} for name, spent in cpu.items()}
     print(f"model={args.model} callers={args.callers} new_tokens={args.new_tokens} "
           f"requests/caller={args.requests} rounds={args.repeat}")
     print(f"plain    {plain_rate:8.1f} tok/s")
     print(f"operated {operated_rate:8.1f} tok/s  ({', '.join(sorted(parts))})  "
           f"ratio {operated_rate / plain_rate:.2f}")
-    print(f"rows collected: {collected}; texts screened: {screened}; collection or screening errors logged: "
+    print("CPU ms per request, the server's process / its helpers:",
+          "; ".join(f"{name} {spent['server']} / {spent['helpers']}" for name, spent in per_request.items()))
+    print(f"rows collected: {collected}; texts screened: {screened}; rows dropped: {log.count('was not collected')}; "
+          f"collection or screening errors logged: "
           f"{log.count('model data collection failed') + log.count('content screening failed')}")
 
 

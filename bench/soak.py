@@ -95,9 +95,9 @@ def main() -> int:
            "MIXTRAL_MAX_QUEUE": "16"}
     stats = {"status": collections.Counter(), "kind": collections.Counter(), "latency": []}
     lock = threading.Lock()
-    with tempfile.TemporaryDirectory() as tmp, operations_env() as (operated, _, _):
+    with tempfile.TemporaryDirectory() as tmp, operations_env() as stand_ins:
         model = package_model(build_tiny(Path(tmp) / "tiny-mixtral"), Path(tmp) / "model")
-        with LocalServer(model, Path(tmp) / "server.log", {**env, **(operated if args.operations else {})},
+        with LocalServer(model, Path(tmp) / "server.log", {**env, **(stand_ins.env if args.operations else {})},
                          threads=24) as server:
             stop = threading.Event()
             if args.operations:
