@@ -72,7 +72,7 @@ class Screen:
         self.threshold = threshold
         self.fail_open = fail_open
         self._client_args = (endpoint, key, timeout_s)
-        self._wait_s = 4 * timeout_s  # two tries of a connect and a read: past it the child is hung
+        self.wait_s = 4 * timeout_s  # two tries of a connect and a read: past it the child is hung
         self._lock = threading.Lock()  # the pipe's sending end, the calls waiting and the child
         self._waiting: dict[int, Future[Answer]] = {}
         self._ids = itertools.count()
@@ -80,42 +80,15 @@ class Screen:
         self._process, self._calls = self._start()  # a child that cannot make a client fails init() here
         threading.Thread(target=self._read_answers, name="mixtral-screening-answers", daemon=True).start()
 
+    def start(self, text: str) -> Verdict:
+        """Sends `text` to be screened, its chunks at once (one round trip, not one per chunk); the verdict
+        is read when wanted, so the caller can go on meanwhile."""
+        return Verdict(self, [self._call(text[start:start + CHUNK_CHARS])
+                              for start in range(0, len(text), CHUNK_CHARS)])
+
     def flagged(self, text: str) -> str | None:
-        """The first category over the threshold in any chunk of `text`, or None; raises ScreeningFailed.
-
-        The chunks are screened at once: a long text takes one round trip, not one per chunk."""
-        answers = [self._call(text[start:start + CHUNK_CHARS]) for start in range(0, len(text), CHUNK_CHARS)]
-        for answer in answers:
-            try:
-                severities = answer.result(timeout=self._wait_s)
-            except TimeoutError:
-                severities = f"no answer in {self._wait_s:.0f} s"
-            if isinstance(severities, str):  # the service, the network, the credential or the child
-                log.error("content screening failed (%s): %s",
-                          "served anyway: fail open" if self.fail_open else "fail closed", severities)
-                if self.fail_open:
-                    return None
-                raise ScreeningFailed("content screening is unavailable; retry shortly",
-                                      retry_after=_RETRY_AFTER_S) from None
-            for category, severity in severities:
-                if (severity or 0) > self.threshold:
-                    return category
-        return None
-
-    def check_prompt(self, texts: Sequence[str], param: str) -> None:
-        """Raises ContentFiltered naming the category when a prompt is flagged."""
-        for text in texts:
-            category = self.flagged(text)
-            if category is not None:
-                raise ContentFiltered(f"the request input was flagged by Azure AI Content Safety: {category}",
-                                      param=param)
-
-    def answer_flagged(self, text: str) -> bool:
-        """An answer is withheld when flagged, and when screening fails closed."""
-        try:
-            return self.flagged(text) is not None
-        except ScreeningFailed:
-            return True
+        """The first category over the threshold in any chunk of `text`, or None; raises ScreeningFailed."""
+        return self.start(text).category()
 
     def close(self) -> None:
         """Ends the child (it ends with the server anyway: a daemon)."""
@@ -190,6 +163,48 @@ class Screen:
                     return True
             self.close()
         return False
+
+
+class Verdict:
+    """One text's screening under way, and what its answers mean under the screen's rules."""
+
+    def __init__(self, screen: Screen, answers: list[Future[Answer]]) -> None:
+        self._screen = screen
+        self._answers = answers
+
+    def category(self) -> str | None:
+        """The first category over the threshold in any chunk, or None; raises ScreeningFailed."""
+        screen = self._screen
+        for answer in self._answers:
+            try:
+                severities = answer.result(timeout=screen.wait_s)
+            except TimeoutError:
+                severities = f"no answer in {screen.wait_s:.0f} s"
+            if isinstance(severities, str):  # the service, the network, the credential or the child
+                log.error("content screening failed (%s): %s",
+                          "served anyway: fail open" if screen.fail_open else "fail closed", severities)
+                if screen.fail_open:
+                    return None
+                raise ScreeningFailed("content screening is unavailable; retry shortly",
+                                      retry_after=_RETRY_AFTER_S) from None
+            for category, severity in severities:
+                if (severity or 0) > screen.threshold:
+                    return category
+        return None
+
+    def check_prompt(self, param: str) -> None:
+        """Raises ContentFiltered naming the category when the text, a prompt, is flagged."""
+        category = self.category()
+        if category is not None:
+            raise ContentFiltered(f"the request input was flagged by Azure AI Content Safety: {category}",
+                                  param=param)
+
+    def answer_flagged(self) -> bool:
+        """An answer is withheld when flagged, and when screening fails closed."""
+        try:
+            return self.category() is not None
+        except ScreeningFailed:
+            return True
 
 
 class ScreeningFailed(ModelNotReady):

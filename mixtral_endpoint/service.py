@@ -118,39 +118,51 @@ class Scorer:
 
     def complete(self, request: ScoringRequest, request_id: str) -> list[Completion]:
         """Generates for every prompt of a validated request and waits for all."""
-        prompts = self._encode(request)
-        rows, texts, sink = self._submit(request, prompts)
+        rows, texts, sink = self._admit(request)
         for _ in self._follow(request_id, rows, texts, sink):
             pass
         completions = [self._complete(row, text) for row, text in zip(rows, texts, strict=True)]
         if self.screen is not None:
-            completions = [_withheld(c, "") if self.screen.answer_flagged(c.text) else c for c in completions]
+            verdicts = [self.screen.start(c.text) for c in completions]  # all at once: one round trip
+            completions = [_withheld(c, "") if v.answer_flagged() else c
+                           for c, v in zip(completions, verdicts, strict=True)]
         self._log(request_id, request, rows, completions)
         return completions
 
     def stream(self, request: ScoringRequest, request_id: str) -> Stream:
         """New text as it is generated, then the Completion; a failure midway raises a ScoringError.
 
-        Validation and admission happen before this returns, so a stream never starts with an error.
+        Validation, screening of the prompt and admission happen before this returns, so a stream never
+        starts with an error.
         """
         assert request.prompts is None or len(request.prompts) == 1, "a stream has one prompt"
-        prompts = self._encode(request)
-        rows, texts, sink = self._submit(request, prompts)
+        rows, texts, sink = self._admit(request)
         return Stream(self._stream(request_id, request, rows[0], texts[0], sink), rows[0], self.line)
 
+    def _admit(self, request: ScoringRequest) -> tuple[list[Row], list[Detokenizer], queue.SimpleQueue]:
+        """The request's rows in the line, its prompts screened. The prompts are screened while the engine
+        already works on them (the screening's round trip is not added to the time to first token, nor does
+        it hold a place in the batch empty); nothing of a row reaches the caller before its prompt passed,
+        and a flagged prompt's rows are cancelled."""
+        prompts = self._encode(request)
+        verdicts = [] if self.screen is None else [self.screen.start(text) for text in _screened_prompts(request)]
+        rows, texts, sink = self._submit(request, prompts)
+        try:
+            for verdict in verdicts:
+                verdict.check_prompt(param="input_data.input_string")
+        except BaseException:
+            self.line.cancel(rows)
+            raise
+        return rows, texts, sink
+
     def _encode(self, request: ScoringRequest) -> list[list[int]]:
-        """The prompts' token ids, once screened; with the guardrail prompt where the request or server asks."""
+        """The prompts' token ids; with the guardrail prompt where the request or server asks."""
         if request.conversation is not None:
-            if self.screen is not None:
-                self.screen.check_prompt(["\n".join(m.content for m in request.conversation)],
-                                         param="input_data.input_string")
             safe = self.config.safe_prompt if request.safe_prompt is None else request.safe_prompt
             conversation = with_guardrail(request.conversation) if safe else request.conversation
             prompts = [self.tokenizer.encode_chat(conversation)]
         else:
             assert request.prompts is not None
-            if self.screen is not None:
-                self.screen.check_prompt(request.prompts, param="input_data.input_string")
             prompts = [self.tokenizer.encode_text(p) for p in request.prompts]
         wanted = request.settings.max_new_tokens
         for i, ids in enumerate(prompts):
@@ -239,7 +251,7 @@ class Scorer:
                         continue
                     held += piece
                     if len(held) >= window:
-                        if flagged := self.screen.answer_flagged(held):
+                        if flagged := self.screen.start(held).answer_flagged():
                             break  # closing _follow cancels the row
                         released, piece, held = released + held, held, ""
                         window = min(2 * window, CHUNK_CHARS)
@@ -257,7 +269,7 @@ class Scorer:
         else:
             completion = self._complete(row, text)
             if held and self.screen is not None:
-                if self.screen.answer_flagged(held):
+                if self.screen.start(held).answer_flagged():
                     completion = _withheld(completion, released)
                 else:
                     yield held
@@ -295,6 +307,14 @@ class Scorer:
             fields["prompt"] = repr(request.conversation or request.prompts)
         log.info(" ".join(f"{'request' if k == 'request_id' else k}=%s" for k in fields), *fields.values(),
                  extra=fields)
+
+
+def _screened_prompts(request: ScoringRequest) -> list[str]:
+    """What of a request is screened as its prompt: a conversation's messages as one text, or each prompt."""
+    if request.conversation is not None:
+        return ["\n".join(m.content for m in request.conversation)]
+    assert request.prompts is not None
+    return list(request.prompts)
 
 
 def _withheld(completion: Completion, released: str) -> Completion:

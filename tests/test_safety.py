@@ -73,7 +73,7 @@ def test_a_severity_at_the_threshold_passes_and_every_answer_is_screened(core: S
 
 def test_long_texts_are_screened_in_chunks_of_1000_characters(core: Scorer, fake: FakeContentSafety):
     with pytest.raises(ContentFiltered):
-        score_api.score(core, chat("x" * 1500 + " FLAG-Sexual"))
+        score_api.score(core, chat("word " * 300 + " FLAG-Sexual"))  # 1512 characters
     assert sorted(len(c["text"]) for c in fake.calls) == [512, 1000]  # screened at once
 
 
@@ -92,6 +92,46 @@ def test_a_stream_flagged_midway_keeps_only_what_was_screened(core: Scorer, fake
     assert datas[-1]["finish_reason"] == "content_filter"
     assert text == fake.calls[1]["text"] and len(text) >= STREAM_WINDOW_CHARS  # one screened window, no more
     assert len(fake.calls) == 3
+
+
+def admitted_rows(core: Scorer, monkeypatch: pytest.MonkeyPatch) -> list:
+    """The rows the core puts in the line, recorded by wrapping its admission from outside."""
+    rows: list = []
+    submit = core._submit
+
+    def recording(*args: object) -> tuple:
+        admitted = submit(*args)
+        rows.extend(admitted[0])
+        return admitted
+
+    monkeypatch.setattr(core, "_submit", recording)
+    return rows
+
+
+def test_the_prompt_is_screened_while_the_engine_works_on_it(core: Scorer, fake: FakeContentSafety,
+                                                              monkeypatch: pytest.MonkeyPatch):
+    rows = admitted_rows(core, monkeypatch)
+    fake.delay_s = 0.5  # each verdict takes this long
+    start = time.monotonic()
+    events = list(score_api.score(core, chat("Tell me a story.", max_new_tokens=4, ignore_eos=True, stream=True),
+                                  stream_ok=True))
+    assert rows[0].first_token_at - start < fake.delay_s  # the engine did not wait for the verdict
+    assert fake.calls[0]["text"] == "Tell me a story." and len(events) >= 2
+
+
+def test_a_flagged_prompts_rows_are_cancelled_and_nothing_of_them_is_answered(core: Scorer, fake: FakeContentSafety,
+                                                                               monkeypatch: pytest.MonkeyPatch):
+    rows = admitted_rows(core, monkeypatch)
+    fake.delay_s = 0.3
+    text_request = {"input_data": {"input_string": ["fine", "FLAG-Hate here"]},
+                    "parameters": {"max_new_tokens": 200, "ignore_eos": True}}
+    for body in (chat("FLAG-Hate", max_new_tokens=200, ignore_eos=True, stream=True), text_request):
+        rows.clear()
+        with pytest.raises(ContentFiltered):
+            score_api.score(core, body, stream_ok=True)
+        assert rows and all(row.done.wait(5) for row in rows)
+        assert {row.finish_reason for row in rows} == {"cancelled"}
+        assert all(len(row.tokens) < 200 for row in rows)
 
 
 def test_screening_that_fails_closed_is_a_503_and_open_is_served(scorer: Scorer, fake: FakeContentSafety):
