@@ -165,6 +165,24 @@ def test_a_killed_screening_process_fails_its_calls_and_is_replaced(fake: FakeCo
     assert screen._process.exitcode == 0
 
 
+def test_the_environments_proxy_settings_hold_for_the_screening_client(fake: FakeContentSafety,
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    """The client reads them once, at start: through the proxy the environment names, and past it for a host
+    in no_proxy (lower case: it wins over upper)."""
+    fake.reset()
+    for endpoint, env in (("http://content-safety.invalid", {"http_proxy": fake.url}),  # only the proxy answers
+                          (fake.url, {"http_proxy": "http://127.0.0.1:9", "no_proxy": "127.0.0.1"})):
+        with monkeypatch.context() as patched:
+            for name, value in env.items():
+                patched.setenv(name, value)
+            screen = Screen(endpoint, threshold=2, fail_open=False, key="k")
+        try:
+            assert screen.flagged("FLAG-Hate") == "Hate"
+        finally:
+            screen.close()
+    assert fake.calls[0]["path"].startswith("http://content-safety.invalid/contentsafety/text:analyze")
+
+
 def test_safe_prompt_puts_mistrals_guardrail_first_token_exact(scorer: Scorer, tokenizer):
     asked = score_api.score(scorer, chat("Tell me a story.", safe_prompt=True, return_token_ids=True))
     assert asked["prompt_token_ids"] == tokenizer.encode_chat(
