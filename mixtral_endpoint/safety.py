@@ -101,7 +101,7 @@ class Screen:
         if self._process.is_alive():
             self._process.kill()
 
-    def _call(self, chunk: str) -> Future[Answer]:
+    def _call(self, chunk: str) -> tuple[int, Future[Answer]]:
         answer: Future[Answer] = Future()
         with self._lock:
             call_id = next(self._ids)
@@ -111,7 +111,12 @@ class Screen:
             except OSError as exc:  # the child has gone; the reader is starting another
                 del self._waiting[call_id]
                 answer.set_result(f"the screening process has gone ({exc})")
-        return answer
+        return call_id, answer
+
+    def _forget(self, call_id: int) -> None:
+        """A call given up on (a hung child): its answer, should it come, goes nowhere."""
+        with self._lock:
+            self._waiting.pop(call_id, None)
 
     def _start(self) -> tuple[BaseProcess, Connection]:
         context = multiprocessing.get_context("spawn")  # never fork a process that holds an engine
@@ -169,16 +174,25 @@ class Screen:
 class Verdict:
     """One text's screening under way, and what its answers mean under the screen's rules."""
 
-    def __init__(self, screen: Screen, answers: list[Future[Answer]]) -> None:
+    def __init__(self, screen: Screen, calls: list[tuple[int, Future[Answer]]]) -> None:
         self._screen = screen
-        self._answers = answers
+        self._calls = calls
 
     def category(self) -> str | None:
         """The first category over the threshold in any chunk, or None; raises ScreeningFailed."""
+        try:
+            return self._category()
+        finally:  # calls not answered by now (a hung child, or not needed once one chunk decided) are dropped
+            for call_id, answer in self._calls:
+                if not answer.done():
+                    self._screen._forget(call_id)
+
+    def _category(self) -> str | None:
         screen = self._screen
-        for answer in self._answers:
+        deadline = time.monotonic() + screen.wait_s
+        for _, answer in self._calls:
             try:
-                severities = answer.result(timeout=screen.wait_s)
+                severities = answer.result(timeout=max(deadline - time.monotonic(), 0.0))
             except TimeoutError:
                 severities = f"no answer in {screen.wait_s:.0f} s"
             if isinstance(severities, str):  # the service, the network, the credential or the child

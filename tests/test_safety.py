@@ -165,6 +165,22 @@ def test_a_killed_screening_process_fails_its_calls_and_is_replaced(fake: FakeCo
     assert screen._process.exitcode == 0
 
 
+def test_a_hung_screening_process_fails_its_calls_in_time_and_forgets_them(fake: FakeContentSafety):
+    fake.reset()
+    screen = Screen(fake.url, threshold=2, fail_open=False, key="k", timeout_s=0.25)
+    try:
+        os.kill(screen._process.pid, signal.SIGSTOP)  # hung, not dead: no answer, no end of the pipe
+        start = time.monotonic()
+        with pytest.raises(ScreeningFailed):
+            screen.flagged("x" * 2500)  # three chunks
+        assert time.monotonic() - start < screen.wait_s + 1 and not screen._waiting
+        os.kill(screen._process.pid, signal.SIGCONT)
+        assert screen.flagged("FLAG-Hate") == "Hate"  # the late answers went nowhere; new calls are answered
+    finally:
+        os.kill(screen._process.pid, signal.SIGCONT)
+        screen.close()
+
+
 def test_the_environments_proxy_settings_hold_for_the_screening_client(fake: FakeContentSafety,
                                                                         monkeypatch: pytest.MonkeyPatch):
     """The client reads them once, at start: through the proxy the environment names, and past it for a host
