@@ -10,10 +10,10 @@ import logging
 import os
 from pathlib import Path
 
-from mixtral_endpoint.batch import default_workers, read_lines, score_lines
-from mixtral_endpoint.config import ServerConfig
-from mixtral_endpoint.pyfunc import load_scorer
-from mixtral_endpoint.service import Scorer
+from mixtral_endpoint.doors.batch import default_workers, read_lines, score_lines
+from mixtral_endpoint.doors.mlflow_model.pyfunc import load_scorer
+from mixtral_endpoint.protocol.config import ServerConfig
+from mixtral_endpoint.serving.service import Scorer
 
 log = logging.getLogger("mixtral_endpoint.batch_score")
 scorer: Scorer | None = None

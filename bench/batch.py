@@ -26,9 +26,9 @@ from transformers import GenerationConfig, MixtralForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mixtral_endpoint.packaging import package_model  # noqa: E402
-from mixtral_endpoint.tiny import build_tiny  # noqa: E402
-from mixtral_endpoint.tokenizer import PromptTokenizer  # noqa: E402
+from mixtral_endpoint.doors.mlflow_model.packager import package_model  # noqa: E402
+from mixtral_endpoint.model.tiny import build_tiny  # noqa: E402
+from mixtral_endpoint.model.tokenizer import PromptTokenizer  # noqa: E402
 
 BIN = Path(sys.executable).parent
 SUBJECTS = ["the sea", "a lighthouse", "Paris in spring", "mixture-of-experts models", "a quiet library",

@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from operations import cpu_seconds, operations_env, scrape  # noqa: E402
 from simulated_vllm import SimulatedLLM  # noqa: E402
 
-from mixtral_endpoint.localserver import LocalServer  # noqa: E402
-from mixtral_endpoint.packaging import package_model  # noqa: E402
-from mixtral_endpoint.tiny import build_tiny  # noqa: E402
+from mixtral_endpoint.doors.mlflow_model.packager import package_model  # noqa: E402
+from mixtral_endpoint.model.tiny import build_tiny  # noqa: E402
+from tests.localserver import LocalServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STEP_MS, ROW_MS = 20.0, 0.06

@@ -35,10 +35,10 @@ from transformers import GenerationConfig, MixtralConfig, MixtralForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mixtral_endpoint.localserver import LocalServer  # noqa: E402
-from mixtral_endpoint.packaging import package_model  # noqa: E402
-from mixtral_endpoint.tiny import build_tiny, tiny_config  # noqa: E402
-from mixtral_endpoint.tokenizer import PromptTokenizer, reference_tokenizer_file  # noqa: E402
+from mixtral_endpoint.doors.mlflow_model.packager import package_model  # noqa: E402
+from mixtral_endpoint.model.tiny import build_tiny, tiny_config  # noqa: E402
+from mixtral_endpoint.model.tokenizer import PromptTokenizer, reference_tokenizer_file  # noqa: E402
+from tests.localserver import LocalServer  # noqa: E402
 
 PROMPTS = ["Once upon a time", "The capital of France is", "In 1969, the first", "Mixture of experts models",
            "def fibonacci(n):", "Dear hiring manager,", "The recipe calls for", "Azure Machine Learning"]

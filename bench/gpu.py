@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mixtral_endpoint.engine import Engine, Row  # noqa: E402
-from mixtral_endpoint.sampling import SamplingSettings  # noqa: E402
+from mixtral_endpoint.engines.engine import Engine, Row  # noqa: E402
+from mixtral_endpoint.protocol.sampling import SamplingSettings  # noqa: E402
 
 ACTIVE_PARAMETERS = 12.9e9  # Mixtral-8x7B, per token: 2 of 8 experts plus the shared layers
 H200_BANDWIDTH = 4.8e12  # bytes/s, the data sheet's HBM3e figure
@@ -36,8 +36,8 @@ PROMPT_TOKENS = 128
 
 
 def config(kind: str, fp8: bool = False) -> dict:
-    from mixtral_endpoint.checkpoint import MIXTRAL_8X7B_CONFIG, MIXTRAL_FP8_QUANTIZATION_CONFIG
-    from mixtral_endpoint.tiny import TINY_SIZES
+    from mixtral_endpoint.model.checkpoint import MIXTRAL_8X7B_CONFIG, MIXTRAL_FP8_QUANTIZATION_CONFIG
+    from mixtral_endpoint.model.tiny import TINY_SIZES
 
     real = {k: v for k, v in MIXTRAL_8X7B_CONFIG.items() if k not in ("torch_dtype",)}
     chosen = real if kind == "mixtral" else {**real, **TINY_SIZES}
@@ -53,8 +53,8 @@ def ours(kind: str, new_tokens: int, experts: str) -> dict[str, float]:
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from mixtral_endpoint.stepper import Stepper
-    from mixtral_endpoint.transformers_engine import TransformersEngine
+    from mixtral_endpoint.engines.transformers.stepper import Stepper
+    from mixtral_endpoint.engines.transformers.transformers_engine import TransformersEngine
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -126,7 +126,7 @@ def raw_vllm(kind: str, new_tokens: int, fp8: bool = False) -> dict[str, float]:
 
 def vllm_engine(kind: str, new_tokens: int) -> dict[str, float]:
     """Our VllmEngine (the server's engine thread and rows) over the same dummy weights."""
-    from mixtral_endpoint.vllm_engine import VllmEngine, _build_llm_engine
+    from mixtral_endpoint.engines.vllm_engine import VllmEngine, _build_llm_engine
 
     with tempfile.TemporaryDirectory() as tmp:
         args = vllm_args(kind, Path(tmp))

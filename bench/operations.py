@@ -42,9 +42,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from engines import build_checkpoint  # noqa: E402
 
-from mixtral_endpoint.localserver import LocalServer  # noqa: E402
-from mixtral_endpoint.packaging import package_model  # noqa: E402
+from mixtral_endpoint.doors.mlflow_model.packager import package_model  # noqa: E402
 from tests.fake_content_safety import FakeContentSafety  # noqa: E402
+from tests.localserver import LocalServer  # noqa: E402
 
 PROMPTS = ["Once upon a time", "The capital of France is", "In 1969, the first", "Mixture of experts models",
            "def fibonacci(n):", "Dear hiring manager,", "The recipe calls for", "Azure Machine Learning"]

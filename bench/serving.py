@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from transformers import MixtralForCausalLM  # noqa: E402
 
-from mixtral_endpoint.localserver import LocalServer  # noqa: E402
-from mixtral_endpoint.packaging import package_model  # noqa: E402
-from mixtral_endpoint.tiny import build_tiny  # noqa: E402
-from mixtral_endpoint.tokenizer import PromptTokenizer  # noqa: E402
+from mixtral_endpoint.doors.mlflow_model.packager import package_model  # noqa: E402
+from mixtral_endpoint.model.tiny import build_tiny  # noqa: E402
+from mixtral_endpoint.model.tokenizer import PromptTokenizer  # noqa: E402
+from tests.localserver import LocalServer  # noqa: E402
 
 PROMPTS = ["Once upon a time", "The capital of France is", "In 1969, the first", "Mixture of experts models",
            "def fibonacci(n):", "Dear hiring manager,", "The recipe calls for", "Azure Machine Learning"]

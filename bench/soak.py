@@ -28,9 +28,9 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.operations import operations_env, scrape  # noqa: E402
-from mixtral_endpoint.localserver import LocalServer  # noqa: E402
-from mixtral_endpoint.packaging import package_model  # noqa: E402
-from mixtral_endpoint.tiny import build_tiny  # noqa: E402
+from mixtral_endpoint.doors.mlflow_model.packager import package_model  # noqa: E402
+from mixtral_endpoint.model.tiny import build_tiny  # noqa: E402
+from tests.localserver import LocalServer  # noqa: E402
 
 CHAT = [{"role": "user", "content": "What is so great about the Eiffel Tower?"}]
 ALLOWED = {200, 400, 413, 429, 503}

@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engines import PROMPTS, build_checkpoint  # noqa: E402
 
-from mixtral_endpoint import score_api  # noqa: E402
-from mixtral_endpoint.config import ServerConfig  # noqa: E402
-from mixtral_endpoint.constraints import Constraint  # noqa: E402
-from mixtral_endpoint.service import Scorer  # noqa: E402
+from mixtral_endpoint.doors import score as score_api  # noqa: E402
+from mixtral_endpoint.protocol.config import ServerConfig  # noqa: E402
+from mixtral_endpoint.protocol.constraints import Constraint  # noqa: E402
+from mixtral_endpoint.serving.service import Scorer  # noqa: E402
 
 CALLERS = 8
 ENGINES = ("transformers", "vllm")

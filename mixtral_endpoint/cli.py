@@ -10,9 +10,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import score_api
-from .config import ServerConfig
-from .errors import CheckpointError
+from mixtral_endpoint.doors import score as score_api
+from mixtral_endpoint.protocol.config import ServerConfig
+from mixtral_endpoint.protocol.errors import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,22 +73,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _build_tiny(args: argparse.Namespace) -> int:
-    from .tiny import build_tiny
+    from mixtral_endpoint.model.tiny import build_tiny
 
     print(build_tiny(args.out))
     return 0
 
 
 def _package(args: argparse.Namespace) -> int:
-    from .packaging import package_model
+    from mixtral_endpoint.doors.mlflow_model.packager import package_model
 
     print(package_model(args.checkpoint, args.out, reference=args.reference))
     return 0
 
 
 def _build_model(args: argparse.Namespace) -> int:
-    from .packaging import package_model
-    from .tiny import build_tiny
+    from mixtral_endpoint.doors.mlflow_model.packager import package_model
+    from mixtral_endpoint.model.tiny import build_tiny
 
     with tempfile.TemporaryDirectory() as tmp:
         print(package_model(build_tiny(Path(tmp) / "tiny-mixtral"), args.out))
@@ -96,7 +96,7 @@ def _build_model(args: argparse.Namespace) -> int:
 
 
 def _sample_response(args: argparse.Namespace) -> int:
-    from .pyfunc import load_scorer
+    from mixtral_endpoint.doors.mlflow_model.pyfunc import load_scorer
 
     scorer = load_scorer(args.model, ServerConfig.from_env(os.environ))
     response = score_api.score(scorer, json.loads(args.request.read_text()))
@@ -106,7 +106,7 @@ def _sample_response(args: argparse.Namespace) -> int:
 
 
 def _swagger(args: argparse.Namespace) -> int:
-    from .swagger import write_request_schema, write_swagger
+    from mixtral_endpoint.doors.swagger import write_request_schema, write_swagger
 
     for path in [write_request_schema(), *write_swagger()]:
         print(path)
@@ -116,8 +116,8 @@ def _swagger(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from accelerate.utils import convert_file_size_to_int
 
-    from .checkpoint import inspect_checkpoint
-    from .placement import Devices, describe, describe_kv, kv_budget, plan
+    from mixtral_endpoint.model.checkpoint import inspect_checkpoint
+    from mixtral_endpoint.model.placement import Devices, describe, describe_kv, kv_budget, plan
 
     checkpoint = inspect_checkpoint(args.checkpoint)
     tokens = args.tokens or checkpoint.context_window
@@ -139,8 +139,8 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from .batch import default_workers, run_local
-    from .pyfunc import load_scorer
+    from mixtral_endpoint.doors.batch import default_workers, run_local
+    from mixtral_endpoint.doors.mlflow_model.pyfunc import load_scorer
 
     config = ServerConfig.from_env(os.environ)
     scorer = load_scorer(args.model, config)

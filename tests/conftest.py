@@ -10,14 +10,14 @@ import pytest
 import torch
 from transformers import MixtralForCausalLM
 
-from mixtral_endpoint.checkpoint import Checkpoint, inspect_checkpoint
-from mixtral_endpoint.config import ServerConfig
-from mixtral_endpoint.localserver import LocalServer
-from mixtral_endpoint.packaging import package_model
-from mixtral_endpoint.service import Scorer
-from mixtral_endpoint.stepper import Stepper
-from mixtral_endpoint.tiny import build_tiny
-from mixtral_endpoint.tokenizer import PromptTokenizer
+from mixtral_endpoint.doors.mlflow_model.packager import package_model
+from mixtral_endpoint.engines.transformers.stepper import Stepper
+from mixtral_endpoint.model.checkpoint import Checkpoint, inspect_checkpoint
+from mixtral_endpoint.model.tiny import build_tiny
+from mixtral_endpoint.model.tokenizer import PromptTokenizer
+from mixtral_endpoint.protocol.config import ServerConfig
+from mixtral_endpoint.serving.service import Scorer
+from tests.localserver import LocalServer
 
 # Small limits so the tests can reach every one of them cheaply.
 SERVER_ENV = {

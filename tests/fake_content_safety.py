@@ -14,7 +14,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from mixtral_endpoint.safety import CATEGORIES
+from mixtral_endpoint.serving.safety import CATEGORIES
 
 
 class FakeContentSafety:

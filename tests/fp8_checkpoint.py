@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mixtral_endpoint.checkpoint import MIXTRAL_FP8_QUANTIZATION_CONFIG
+from mixtral_endpoint.model.checkpoint import MIXTRAL_FP8_QUANTIZATION_CONFIG
 
 from .test_sizing import FP8_LINEARS
 

@@ -15,9 +15,9 @@ from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
 from opentelemetry.sdk._logs.export import InMemoryLogExporter, SimpleLogRecordProcessor
 
 import score
-from mixtral_endpoint import score_api
-from mixtral_endpoint.localserver import LocalServer
-from mixtral_endpoint.service import Scorer
+from mixtral_endpoint.doors import score as score_api
+from mixtral_endpoint.serving.service import Scorer
+from tests.localserver import LocalServer
 
 from .conftest import SERVER_ENV
 

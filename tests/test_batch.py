@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mixtral_endpoint import score_api
-from mixtral_endpoint.batch import read_lines, score_lines
+from mixtral_endpoint.doors import score as score_api
+from mixtral_endpoint.doors.batch import read_lines, score_lines
 
 from .conftest import ENGINES, SERVER_ENV
 

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from mixtral_endpoint.checkpoint import (
+from mixtral_endpoint.engines.transformers.stepper import Stepper
+from mixtral_endpoint.model.checkpoint import (
     MIXTRAL_8X7B_CONFIG,
     MIXTRAL_FP8_QUANTIZATION_CONFIG,
     inspect_checkpoint,
     require_unquantized,
 )
-from mixtral_endpoint.errors import CheckpointError, DoesNotFit
-from mixtral_endpoint.placement import GIB, Devices, plan
-from mixtral_endpoint.stepper import Stepper
-from mixtral_endpoint.tiny import build_tiny, tiny_config
+from mixtral_endpoint.model.placement import GIB, Devices, plan
+from mixtral_endpoint.model.tiny import build_tiny, tiny_config
+from mixtral_endpoint.protocol.errors import CheckpointError, DoesNotFit
 
 from .test_sizing import fp8_tensors, write_header_only_checkpoint
 

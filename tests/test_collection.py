@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from mixtral_endpoint import score_api
-from mixtral_endpoint.collector import DataCollector
-from mixtral_endpoint.config import ServerConfig
-from mixtral_endpoint.localserver import LocalServer
-from mixtral_endpoint.service import Scorer
+from mixtral_endpoint.doors import score as score_api
+from mixtral_endpoint.protocol.config import ServerConfig
+from mixtral_endpoint.serving.collector import DataCollector
+from mixtral_endpoint.serving.service import Scorer
+from tests.localserver import LocalServer
 
 from .conftest import SERVER_ENV
 

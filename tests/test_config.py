@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mixtral_endpoint.config import CHOICES, DEFAULT_MAX_NEW_TOKENS, PREFIX, ServerConfig
-from mixtral_endpoint.errors import ConfigError
+from mixtral_endpoint.protocol.config import CHOICES, DEFAULT_MAX_NEW_TOKENS, PREFIX, ServerConfig
+from mixtral_endpoint.protocol.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,11 +9,11 @@ import pytest
 import xgrammar
 from xgrammar.testing import _is_grammar_accept_string as accepts
 
-from mixtral_endpoint import openai_protocol
-from mixtral_endpoint.constraints import _DROPPED_KEYWORDS, Constraint, check_schema
-from mixtral_endpoint.errors import InvalidRequest
-from mixtral_endpoint.protocol import Completion, RequestLimits
-from mixtral_endpoint.tools import RESULTS_HEADER, parse_tool_use, read_calls
+from mixtral_endpoint.doors.openai import protocol as openai_protocol
+from mixtral_endpoint.protocol.constraints import _DROPPED_KEYWORDS, Constraint, check_schema
+from mixtral_endpoint.protocol.errors import InvalidRequest
+from mixtral_endpoint.protocol.request import Completion, RequestLimits
+from mixtral_endpoint.protocol.tools import RESULTS_HEADER, parse_tool_use, read_calls
 
 LIMITS = RequestLimits(max_new_tokens=64, default_max_new_tokens=16, max_prompts=4)
 WEATHER = {"type": "function", "function": {
@@ -158,8 +158,8 @@ def test_a_stream_holds_text_back_only_while_it_may_be_calls():
 def test_schemas_openai_describes_response_format_and_tool_call_answers():
     from jsonschema import Draft202012Validator
 
-    from mixtral_endpoint.constraints import RESPONSE_FORMAT_SCHEMA
-    from mixtral_endpoint.protocol import load_schema
+    from mixtral_endpoint.protocol.constraints import RESPONSE_FORMAT_SCHEMA
+    from mixtral_endpoint.protocol.request import load_schema
 
     openai = load_schema("openai")
     assert openai["$defs"]["response_format"] == RESPONSE_FORMAT_SCHEMA  # one fact: constraints.py's

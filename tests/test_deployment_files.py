@@ -99,7 +99,7 @@ def test_batch_deployment_fits_one_model_copy_per_node_and_never_fails_on_a_bad_
 
 def test_the_deployment_files_settings_start_a_server():
     """Every MIXTRAL_ variable they set is one the server accepts; the online deployment names vLLM."""
-    from mixtral_endpoint.config import ServerConfig
+    from mixtral_endpoint.protocol.config import ServerConfig
 
     for name in ("deployment.yml", "batch-deployment.yml"):
         env = {k: str(v) for k, v in load(name)["environment_variables"].items()}
@@ -111,7 +111,7 @@ def test_the_deployment_files_settings_start_a_server():
 def test_each_sku_file_loads_and_keeps_its_concurrency_timeouts_and_probes(name: str):
     from azure.ai.ml import load_online_deployment
 
-    from mixtral_endpoint.config import ServerConfig
+    from mixtral_endpoint.protocol.config import ServerConfig
 
     deployment = load(name)
     online = load_online_deployment(ROOT / name)

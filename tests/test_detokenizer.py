@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mixtral_endpoint.detokenizer import Detokenizer
-from mixtral_endpoint.tokenizer import PromptTokenizer
+from mixtral_endpoint.model.tokenizer import PromptTokenizer
+from mixtral_endpoint.serving.detokenizer import Detokenizer
 
 TEXTS = ["Hello world, how are you?", "Ünïcødé ✓ 日本語 🙂 bytes", "  leading spaces\nand\ttabs  ", "a</s>b [INST] c"]
 

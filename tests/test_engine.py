@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import GenerationConfig, MixtralForCausalLM
 
-from mixtral_endpoint.engine import Row
-from mixtral_endpoint.sampling import SamplingSettings
-from mixtral_endpoint.stepper import Stepper
-from mixtral_endpoint.tokenizer import PromptTokenizer
+from mixtral_endpoint.engines.engine import Row
+from mixtral_endpoint.engines.transformers.stepper import Stepper
+from mixtral_endpoint.model.tokenizer import PromptTokenizer
+from mixtral_endpoint.protocol.sampling import SamplingSettings
 
 GREEDY = SamplingSettings(max_new_tokens=24)
 SAMPLED = SamplingSettings(max_new_tokens=24, do_sample=True, temperature=0.9, top_p=0.95, seed=11)

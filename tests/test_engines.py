@@ -11,15 +11,15 @@ import pytest
 import torch
 from transformers import GenerationConfig, MixtralForCausalLM
 
-from mixtral_endpoint import score_api
-from mixtral_endpoint.config import ServerConfig
-from mixtral_endpoint.engine import Row
-from mixtral_endpoint.engines import choose_engine
-from mixtral_endpoint.errors import ConfigError, ModelNotReady
-from mixtral_endpoint.sampling import SamplingSettings
-from mixtral_endpoint.service import Scorer
-from mixtral_endpoint.transformers_engine import TransformersEngine
-from mixtral_endpoint.vllm_engine import VllmEngine, sampling_params
+from mixtral_endpoint.doors import score as score_api
+from mixtral_endpoint.engines.choice import choose_engine
+from mixtral_endpoint.engines.engine import Row
+from mixtral_endpoint.engines.transformers.transformers_engine import TransformersEngine
+from mixtral_endpoint.engines.vllm_engine import VllmEngine, sampling_params
+from mixtral_endpoint.protocol.config import ServerConfig
+from mixtral_endpoint.protocol.errors import ConfigError, ModelNotReady
+from mixtral_endpoint.protocol.sampling import SamplingSettings
+from mixtral_endpoint.serving.service import Scorer
 
 TEXTS = ["Once upon a time", "The capital of France is", "x", "Ünïcødé ✓ 日本語 and a much longer prompt here"]
 

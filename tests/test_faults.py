@@ -16,11 +16,11 @@ import flask
 import pytest
 import torch
 
-from mixtral_endpoint import score_api
-from mixtral_endpoint.errors import InternalError
-from mixtral_endpoint.localserver import LocalServer
-from mixtral_endpoint.packaging import package_model
-from mixtral_endpoint.service import Scorer
+from mixtral_endpoint.doors import score as score_api
+from mixtral_endpoint.doors.mlflow_model.packager import package_model
+from mixtral_endpoint.protocol.errors import InternalError
+from mixtral_endpoint.serving.service import Scorer
+from tests.localserver import LocalServer
 
 from .conftest import SERVER_ENV
 

@@ -9,9 +9,9 @@ import torch
 import yaml
 from transformers import GenerationConfig, MixtralForCausalLM
 
-from mixtral_endpoint.localserver import LocalServer
-from mixtral_endpoint.packaging import package_model
-from mixtral_endpoint.tokenizer import PromptTokenizer
+from mixtral_endpoint.doors.mlflow_model.packager import package_model
+from mixtral_endpoint.model.tokenizer import PromptTokenizer
+from tests.localserver import LocalServer
 
 from .conftest import SERVER_ENV
 from .fp8_checkpoint import quantize_fp8

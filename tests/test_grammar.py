@@ -11,9 +11,9 @@ import pytest
 import torch
 import xgrammar
 
-from mixtral_endpoint.constraints import Constraint
-from mixtral_endpoint.grammar import Grammars, mask
-from mixtral_endpoint.tokenizer import PromptTokenizer
+from mixtral_endpoint.engines.grammar import Grammars, mask
+from mixtral_endpoint.model.tokenizer import PromptTokenizer
+from mixtral_endpoint.protocol.constraints import Constraint
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Lyon"]},
                                            "rank": {"type": "integer", "minimum": 1, "maximum": 9}},

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from mixtral_endpoint.errors import InvalidRequest
-from mixtral_endpoint.localserver import LocalServer
-from mixtral_endpoint.protocol import RequestLimits, load_schema, parse_json, parse_request
+from mixtral_endpoint.protocol.errors import InvalidRequest
+from mixtral_endpoint.protocol.request import RequestLimits, load_schema, parse_json, parse_request
+from tests.localserver import LocalServer
 
 from .conftest import SERVER_ENV
 

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import requests
 
-from mixtral_endpoint import openai_protocol
-from mixtral_endpoint.config import ServerConfig
-from mixtral_endpoint.errors import ScoringError
-from mixtral_endpoint.protocol import parse_request
-from mixtral_endpoint.pyfunc import input_items
+from mixtral_endpoint.doors.mlflow_model.pyfunc import input_items
+from mixtral_endpoint.doors.openai import protocol as openai_protocol
+from mixtral_endpoint.protocol.config import ServerConfig
+from mixtral_endpoint.protocol.errors import ScoringError
+from mixtral_endpoint.protocol.request import parse_request
 
 from .conftest import SERVER_ENV
 

@@ -13,15 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from mixtral_endpoint import openai_protocol, openai_routes, vllm_engine
-from mixtral_endpoint.checkpoint import Checkpoint
-from mixtral_endpoint.config import ServerConfig
-from mixtral_endpoint.engine import RETRY_AFTER_DEATH_S, EngineThread, Row
-from mixtral_endpoint.errors import ModelNotReady
-from mixtral_endpoint.sampling import SamplingSettings
-from mixtral_endpoint.service import Scorer
-from mixtral_endpoint.transformers_engine import TransformersEngine
-from mixtral_endpoint.vllm_engine import VllmEngine
+from mixtral_endpoint.doors.openai import protocol as openai_protocol
+from mixtral_endpoint.doors.openai import routes as openai_routes
+from mixtral_endpoint.engines import vllm_engine
+from mixtral_endpoint.engines.engine import RETRY_AFTER_DEATH_S, EngineThread, Row
+from mixtral_endpoint.engines.transformers.transformers_engine import TransformersEngine
+from mixtral_endpoint.engines.vllm_engine import VllmEngine
+from mixtral_endpoint.model.checkpoint import Checkpoint
+from mixtral_endpoint.protocol.config import ServerConfig
+from mixtral_endpoint.protocol.errors import ModelNotReady
+from mixtral_endpoint.protocol.sampling import SamplingSettings
+from mixtral_endpoint.serving.service import Scorer
 
 from .conftest import SERVER_ENV
 from .test_engines import DyingLLM

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from mixtral_endpoint.engine import Capacity, Row
-from mixtral_endpoint.errors import ModelNotReady, Overloaded
-from mixtral_endpoint.line import Line
-from mixtral_endpoint.sampling import SamplingSettings
+from mixtral_endpoint.engines.engine import Capacity, Row
+from mixtral_endpoint.protocol.errors import ModelNotReady, Overloaded
+from mixtral_endpoint.protocol.sampling import SamplingSettings
+from mixtral_endpoint.serving.line import Line
 
 
 class FakeEngine:

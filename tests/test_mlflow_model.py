@@ -14,12 +14,12 @@ import pytest
 import yaml
 from mlflow.exceptions import MlflowException
 
-from mixtral_endpoint import score_api
-from mixtral_endpoint.config import ServerConfig
-from mixtral_endpoint.errors import CheckpointError
-from mixtral_endpoint.packaging import package_model
-from mixtral_endpoint.pyfunc import find_mlmodel, load_scorer, signature
-from mixtral_endpoint.service import Scorer
+from mixtral_endpoint.doors import score as score_api
+from mixtral_endpoint.doors.mlflow_model.packager import package_model
+from mixtral_endpoint.doors.mlflow_model.pyfunc import find_mlmodel, load_scorer, signature
+from mixtral_endpoint.protocol.config import ServerConfig
+from mixtral_endpoint.protocol.errors import CheckpointError
+from mixtral_endpoint.serving.service import Scorer
 
 CONVERSATION = [{"role": "user", "content": "I am going to Paris, what should I see?"}]
 
@@ -110,7 +110,7 @@ def test_find_mlmodel_accepts_the_folder_or_one_level_down(azureml_models: Path,
 def test_predict_submits_a_dataframes_rows_together(loaded: mlflow.pyfunc.PyFuncModel,
                                                     caplog: pytest.LogCaptureFixture):
     frame = pd.DataFrame({"input_string": [f"Prompt number {i}" for i in range(8)]})
-    with caplog.at_level(logging.INFO, logger="mixtral_endpoint.service"):
+    with caplog.at_level(logging.INFO, logger="mixtral_endpoint.serving.service"):
         assert len(loaded.predict(frame, params={"max_new_tokens": 8})) == 8
     batches = [int(b) for b in re.findall(r" batch=(\d+)", caplog.text)]
     assert len(batches) == 8 and max(batches) > 1  # one log line per row, generated together

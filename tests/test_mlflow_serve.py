@@ -14,8 +14,8 @@ import jsonschema
 import pytest
 import requests
 
-from mixtral_endpoint import score_api
-from mixtral_endpoint.localserver import free_port
+from mixtral_endpoint.doors import score as score_api
+from tests.localserver import free_port
 
 from .conftest import ENGINES, SERVER_ENV
 

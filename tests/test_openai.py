@@ -16,9 +16,9 @@ from jsonschema import Draft202012Validator
 from langchain_openai import ChatOpenAI
 from openai import BadRequestError, OpenAI
 
-from mixtral_endpoint.errors import ScoringError
-from mixtral_endpoint.openai_protocol import MODEL_NAME, parse
-from mixtral_endpoint.protocol import RequestLimits, load_schema
+from mixtral_endpoint.doors.openai.protocol import MODEL_NAME, parse
+from mixtral_endpoint.protocol.errors import ScoringError
+from mixtral_endpoint.protocol.request import RequestLimits, load_schema
 
 SECRET = "Zyzzyva-prompt-text"
 CONVERSATION = [{"role": "system", "content": "Be brief."},

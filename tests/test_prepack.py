@@ -13,8 +13,14 @@ import torch
 from transformers import GenerationConfig, MixtralConfig, MixtralForCausalLM
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-from mixtral_endpoint.prepack import FusedExperts, PackedExperts, PackedLinear, fused_moe_available, prepack
-from mixtral_endpoint.tiny import tiny_config
+from mixtral_endpoint.engines.transformers.prepack import (
+    FusedExperts,
+    PackedExperts,
+    PackedLinear,
+    fused_moe_available,
+    prepack,
+)
+from mixtral_endpoint.model.tiny import tiny_config
 
 # Wide enough that lm_head, q_proj, o_proj and the experts are over prepack's size floor; k_proj and v_proj
 # (one key/value head: 128 x 512) and the router are not. One layer keeps it quick.

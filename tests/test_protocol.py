@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft202012Validator
 
-from mixtral_endpoint.errors import InvalidRequest
-from mixtral_endpoint.protocol import (
+from mixtral_endpoint.protocol.errors import InvalidRequest
+from mixtral_endpoint.protocol.request import (
     Completion,
     Message,
     RequestLimits,

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from mixtral_endpoint import score_api
-from mixtral_endpoint.config import ServerConfig
-from mixtral_endpoint.errors import ContentFiltered, ModelNotReady
-from mixtral_endpoint.localserver import LocalServer
-from mixtral_endpoint.protocol import Message
-from mixtral_endpoint.safety import GUARDRAIL, STREAM_WINDOW_CHARS, Screen, ScreeningFailed
-from mixtral_endpoint.service import Scorer
+from mixtral_endpoint.doors import score as score_api
+from mixtral_endpoint.protocol.config import ServerConfig
+from mixtral_endpoint.protocol.errors import ContentFiltered, ModelNotReady
+from mixtral_endpoint.protocol.request import Message
+from mixtral_endpoint.serving.safety import GUARDRAIL, STREAM_WINDOW_CHARS, Screen, ScreeningFailed
+from mixtral_endpoint.serving.service import Scorer
+from tests.localserver import LocalServer
 
 from .conftest import SERVER_ENV
 from .fake_content_safety import FakeContentSafety

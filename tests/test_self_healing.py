@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from mixtral_endpoint.localserver import LocalServer
+from tests.localserver import LocalServer
 
 from .conftest import ENGINES, SERVER_ENV
 

@@ -9,9 +9,9 @@ import pytest
 import requests
 from jsonschema import Draft202012Validator
 
-from mixtral_endpoint import score_api
-from mixtral_endpoint.localserver import LocalServer
-from mixtral_endpoint.protocol import load_schema
+from mixtral_endpoint.doors import score as score_api
+from mixtral_endpoint.protocol.request import load_schema
+from tests.localserver import LocalServer
 
 from .conftest import SERVER_ENV
 

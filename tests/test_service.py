@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft202012Validator
 
-from mixtral_endpoint import score_api
-from mixtral_endpoint.errors import ContextLengthExceeded, InvalidRequest, PayloadTooLarge
-from mixtral_endpoint.protocol import Message, load_schema
-from mixtral_endpoint.service import Scorer
+from mixtral_endpoint.doors import score as score_api
+from mixtral_endpoint.protocol.errors import ContextLengthExceeded, InvalidRequest, PayloadTooLarge
+from mixtral_endpoint.protocol.request import Message, load_schema
+from mixtral_endpoint.serving.service import Scorer
 
 ROOT = Path(__file__).resolve().parent.parent
 RESPONSE = Draft202012Validator(load_schema("response"))

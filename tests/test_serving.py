@@ -15,7 +15,7 @@ import psutil
 import pytest
 import requests
 
-from mixtral_endpoint.localserver import LocalServer
+from tests.localserver import LocalServer
 
 from .conftest import ENGINES, SERVER_ENV
 

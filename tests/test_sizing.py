@@ -14,17 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from mixtral_endpoint.checkpoint import (
+from mixtral_endpoint.cli import main
+from mixtral_endpoint.engines.transformers.transformers_engine import TransformersEngine
+from mixtral_endpoint.model.checkpoint import (
     DTYPE_BYTES,
     MIXTRAL_8X7B_CONFIG,
     MIXTRAL_FP8_QUANTIZATION_CONFIG,
     inspect_checkpoint,
     require_unquantized,
 )
-from mixtral_endpoint.cli import main
-from mixtral_endpoint.config import ServerConfig
-from mixtral_endpoint.errors import CheckpointError
-from mixtral_endpoint.placement import (
+from mixtral_endpoint.model.placement import (
     GIB,
     MAX_NUM_SEQS,
     VLLM_MEMORY_SHARE,
@@ -34,8 +33,9 @@ from mixtral_endpoint.placement import (
     kv_cache_bytes,
     plan,
 )
-from mixtral_endpoint.tokenizer import reference_tokenizer_file
-from mixtral_endpoint.transformers_engine import TransformersEngine
+from mixtral_endpoint.model.tokenizer import reference_tokenizer_file
+from mixtral_endpoint.protocol.config import ServerConfig
+from mixtral_endpoint.protocol.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -14,8 +14,8 @@ import pytest
 from pyspark.sql import SparkSession
 from pyspark.sql.types import ArrayType, LongType, StringType, StructField, StructType
 
-from mixtral_endpoint import score_api
-from mixtral_endpoint.service import Scorer
+from mixtral_endpoint.doors import score as score_api
+from mixtral_endpoint.serving.service import Scorer
 
 from .conftest import ENGINES
 

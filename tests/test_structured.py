@@ -9,9 +9,9 @@ import re
 import jsonschema
 import pytest
 
-from mixtral_endpoint import score_api
-from mixtral_endpoint.errors import InvalidRequest
-from mixtral_endpoint.service import Scorer
+from mixtral_endpoint.doors import score as score_api
+from mixtral_endpoint.protocol.errors import InvalidRequest
+from mixtral_endpoint.serving.service import Scorer
 
 # Bounded (enums, integer ranges, maxLength), so the tiny model's random text ends within max_new_tokens.
 SCHEMA = {"type": "object", "properties": {"city": {"enum": ["Paris", "Lyon", "Nice"]},
@@ -57,8 +57,8 @@ def test_a_constrained_stream_adds_up_to_valid_json(any_scorer: Scorer):
 
 def test_json_object_without_a_schema_is_parsed_from_the_request():
     request_format = {"type": "json_object"}
-    from mixtral_endpoint.config import ServerConfig
-    from mixtral_endpoint.protocol import parse_request
+    from mixtral_endpoint.protocol.config import ServerConfig
+    from mixtral_endpoint.protocol.request import parse_request
 
     from .conftest import SERVER_ENV
     settings = parse_request(body(request_format), ServerConfig.from_env(SERVER_ENV).limits).settings

@@ -20,7 +20,7 @@ from langchain_openai import ChatOpenAI
 from openai import OpenAI
 from pydantic import BaseModel, ConfigDict, Field
 
-from mixtral_endpoint.config import MODEL_NAME
+from mixtral_endpoint.protocol.config import MODEL_NAME
 
 QUESTION = [{"role": "user", "content": "Which French city should I visit, and how much do you like it?"}]
 

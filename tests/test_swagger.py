@@ -9,7 +9,7 @@ import pytest
 import requests
 from openapi_spec_validator import validate
 
-from mixtral_endpoint.swagger import VERSIONS, build_swagger
+from mixtral_endpoint.doors.swagger import VERSIONS, build_swagger
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,8 +39,8 @@ def test_azmlinfsrv_serves_our_swagger(server: str, version: str):
 
 
 def test_swagger_describes_every_openai_route_the_server_registers():
-    from mixtral_endpoint.openai_routes import ROUTES
-    from mixtral_endpoint.swagger import OPENAI_ROUTES
+    from mixtral_endpoint.doors.openai.routes import ROUTES
+    from mixtral_endpoint.doors.swagger import OPENAI_ROUTES
 
     assert set(OPENAI_ROUTES) == {*ROUTES, "/v1/models", "/info"}
     for version in VERSIONS:

@@ -7,8 +7,8 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mixtral_endpoint.protocol import Message
-from mixtral_endpoint.tokenizer import PromptTokenizer, reference_tokenizer_file
+from mixtral_endpoint.model.tokenizer import PromptTokenizer, reference_tokenizer_file
+from mixtral_endpoint.protocol.request import Message
 
 REFERENCE = MistralTokenizer.v1()
 TYPES = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}

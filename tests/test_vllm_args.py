@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixtral_endpoint import placement
-from mixtral_endpoint.checkpoint import inspect_checkpoint
-from mixtral_endpoint.config import ServerConfig
-from mixtral_endpoint.errors import ConfigError, DoesNotFit
-from mixtral_endpoint.placement import GIB, kv_cache_bytes
-from mixtral_endpoint.transformers_engine import TransformersEngine
-from mixtral_endpoint.vllm_engine import engine_args
+from mixtral_endpoint.engines.transformers.transformers_engine import TransformersEngine
+from mixtral_endpoint.engines.vllm_engine import engine_args
+from mixtral_endpoint.model import placement
+from mixtral_endpoint.model.checkpoint import inspect_checkpoint
+from mixtral_endpoint.model.placement import GIB, kv_cache_bytes
+from mixtral_endpoint.protocol.config import ServerConfig
+from mixtral_endpoint.protocol.errors import ConfigError, DoesNotFit
 
 from .test_deployment_files import SKU_FILES, load
 from .test_sizing import SKUS

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from simulated_vllm import SimulatedLLM  # noqa: E402
 
-from mixtral_endpoint import vllm_engine  # noqa: E402
+from mixtral_endpoint.engines import vllm_engine  # noqa: E402
 
 vllm_engine._build_llm_engine = lambda args: SimulatedLLM(
     args, step_s=float(os.environ["SIM_STEP_MS"]) / 1000, row_s=float(os.environ["SIM_ROW_MS"]) / 1000)

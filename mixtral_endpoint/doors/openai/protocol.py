@@ -1,0 +1,344 @@
+"""The OpenAI and Azure AI Model Inference protocol: their bodies in as the core's request, the core's
+completions out as their objects. Pure: no torch, flask, azureml or mlflow.
+
+A body is translated into the same `{"input_data", "parameters"}` payload /score takes and validated
+by the same `parse_request`, so both APIs share every rule; an error's `param` is then renamed from
+our path to the OpenAI field the caller sent (`parameters.max_new_tokens` -> `max_tokens`,
+`input_data.input_string[1].role` -> `messages[1].role`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from mixtral_endpoint.protocol.config import MODEL_NAME
+from mixtral_endpoint.protocol.errors import InvalidRequest, ScoringError
+from mixtral_endpoint.protocol.parameters import PARAMETERS
+from mixtral_endpoint.protocol.request import Completion, RequestLimits, ScoringRequest, parse_request
+from mixtral_endpoint.protocol.tools import RESULTS_HEADER, ToolUse, calls_text, parse_tool_use, read_calls, result_line
+
+MODEL_INFO = {"model_name": MODEL_NAME, "model_type": "chat-completion", "model_provider_name": "Mistral AI"}
+Route = Literal["chat", "completions"]
+
+# The OpenAI fields each route understands. Ours that OpenAI lacks (top_k, repetition_penalty,
+# ignore_eos) are "extra parameters", governed by the `extra-parameters` header.
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "n", "user",
+           "logprobs", "frequency_penalty", "presence_penalty", "logit_bias", "response_format"}
+# OpenAI chat fields that change nothing here (bookkeeping for OpenAI's own service).
+_IGNORED = {"store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier"}
+_TOOLS = {"tools", "tool_choice", "parallel_tool_calls"}  # tools.py
+# OpenAI chat fields for what Mixtral-8x7B cannot do: a 400 naming them when set.
+_UNSUPPORTED = ("functions", "function_call", "modalities", "audio", "prediction", "reasoning_effort",
+                "web_search_options", "verbosity")
+OPENAI_FIELDS: dict[Route, frozenset[str]] = {
+    "chat": frozenset(_COMMON | _IGNORED | _TOOLS | {"messages", "max_completion_tokens", "top_logprobs",
+                                                     *_UNSUPPORTED}),
+    "completions": frozenset(_COMMON | {"prompt", "echo", "best_of", "suffix"}),
+}
+# Our parameters as the OpenAI names them; those not among OPENAI_FIELDS are extras.
+_OURS = {p.openai: p.name for p in PARAMETERS if p.openai is not None}
+EXTRAS = tuple(sorted(name for name in _OURS if name not in OPENAI_FIELDS["chat"]))
+EXTRA_MODES = ("error", "drop", "pass-through")
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_STATUS_TYPES = {400: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                 500: "server_error", 503: "service_unavailable_error"}
+
+
+@dataclass(frozen=True)
+class OpenAIRequest:
+    route: Route
+    request: ScoringRequest
+    include_usage: bool  # stream_options.include_usage: a last chunk carrying usage
+    tools: ToolUse | None = None  # the answer may (auto) or must be tool calls
+
+
+def parse(body: Any, route: Route, limits: RequestLimits, *, extra_parameters: str | None) -> OpenAIRequest:
+    """Validates an OpenAI body through the core's own rules; errors name the OpenAI field."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    mode = (extra_parameters or "error").strip().lower()
+    if mode not in EXTRA_MODES:
+        raise InvalidRequest(f"the extra-parameters header must be one of {', '.join(EXTRA_MODES)}, got "
+                             f"{_clip(extra_parameters or '')!r}", param="extra-parameters")
+    _refuse_what_mixtral_cannot_do(body)
+    parameters = _parameters(body, route, mode)
+    tool_use = parse_tool_use(body) if route == "chat" else None
+    if tool_use is not None and body.get("response_format") not in (None, {"type": "text"}):
+        raise InvalidRequest("response_format and tools both constrain the answer; send one, or tool_choice none",
+                             param="response_format")
+    items, names = (_messages(body, tool_use) if route == "chat" else _prompts(body))
+    payload = {"input_data": {"input_string": items}, "parameters": parameters}
+    try:
+        request = parse_request(payload, limits)
+    except ScoringError as exc:
+        exc.param = _rename(exc.param, names, body)
+        raise
+    if tool_use is not None:
+        request = replace(request, settings=replace(request.settings, constraint=tool_use.constraint()))
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise InvalidRequest("stream_options must be an object", param="stream_options")
+    return OpenAIRequest(route, request, include_usage=bool(options.get("include_usage")), tools=tool_use)
+
+
+def rename_param(param: str | None, route: Route, body: Any) -> str | None:
+    """Our path of a field as the OpenAI body names it; an OpenAI name is left as it is."""
+    names = ("messages", None, []) if route == "chat" else ("prompt", isinstance(body, dict) and
+                                                           isinstance(body.get("prompt"), str), [])
+    return _rename(param, names, body if isinstance(body, dict) else {})
+
+
+def _refuse_what_mixtral_cannot_do(body: dict[str, Any]) -> None:
+    # Mixtral-8x7B reads and writes text (tools through `tools`), and this server returns one choice without
+    # logprobs.
+    for name in (*_UNSUPPORTED, "suffix"):
+        if body.get(name) not in (None, [], {}, ["text"]):
+            raise InvalidRequest(f"{name} is not supported: Mixtral-8x7B reads and writes plain text (for functions, "
+                                 "send tools)", param=name)
+    for name, allowed in (("n", (None, 1)), ("best_of", (None, 1)), ("logprobs", (None, False, 0)),
+                          ("top_logprobs", (None, 0)), ("echo", (None, False)), ("frequency_penalty", (None, 0)),
+                          ("presence_penalty", (None, 0)), ("logit_bias", (None, {}))):
+        value = body.get(name)
+        if value not in allowed or isinstance(value, bool) and name not in ("logprobs", "echo"):
+            raise InvalidRequest(f"{name} is not supported: only {allowed[1]!r} (this server returns one choice, "
+                                 "without logprobs; repetition_penalty is its penalty)", param=name)
+
+
+def _parameters(body: dict[str, Any], route: Route, mode: str) -> dict[str, Any]:
+    parameters: dict[str, Any] = {}
+    extras = [k for k in body if k not in OPENAI_FIELDS[route]]
+    if extras and mode == "error":
+        raise InvalidRequest(f"unknown parameter '{_clip(extras[0])}'; extra parameters ({', '.join(EXTRAS)}) need "
+                             "the header extra-parameters: pass-through", param=_clip(extras[0]))
+    if mode == "pass-through":
+        unknown = [k for k in extras if k not in EXTRAS]
+        if unknown:
+            raise InvalidRequest(f"unknown parameter '{_clip(unknown[0])}'; this model takes the extra parameters "
+                                 f"{', '.join(EXTRAS)}", param=_clip(unknown[0]))
+        parameters.update({_OURS[k]: body[k] for k in extras})
+    for name in ("temperature", "top_p", "stop", "seed", "stream", "response_format"):
+        if body.get(name) is not None:
+            parameters[_OURS[name]] = body[name]
+    # OpenAI samples unless temperature is 0; its default temperature is 1.
+    temperature = body.get("temperature")
+    parameters["do_sample"] = temperature != 0 or isinstance(temperature, bool)
+    limit = [body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None]
+    if len(limit) == 2 and limit[0] != limit[1]:
+        raise InvalidRequest("max_tokens and max_completion_tokens differ; send one of them",
+                             param="max_completion_tokens")
+    if limit:
+        parameters["max_new_tokens"] = limit[0]
+    return parameters
+
+
+def _messages(body: dict[str, Any], tool_use: ToolUse | None) -> tuple[Any, tuple[str, bool | None, list[int]]]:
+    """The conversation as /score takes it, and the index in `messages` each of its messages came from.
+
+    With tools, their instructions join the system message; an assistant's tool_calls become the array it
+    answered with, and `tool` messages (with any user text after them) one user turn (tools.py)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise InvalidRequest("messages is required: a list of {role, content} messages", param="messages")
+    converted: list[dict[str, Any]] = []
+    origin: list[int] = []
+    called: dict[str, str] = {}  # tool call id -> function name, from earlier assistant turns
+    results = False  # the last converted message is a results turn, which tool and user messages extend
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidRequest(f"messages[{i}] must be an object with role and content", param=f"messages[{i}]")
+        role = message.get("role")
+        if not isinstance(role, str) or role not in (*_ROLES, "tool"):  # a list or an object cannot be looked up
+            raise InvalidRequest(f"messages[{i}].role must be one of system, developer, user, assistant, tool, got "
+                                 f"{_clip(str(role))!r}", param=f"messages[{i}].role")
+        content = _text(message.get("content"), f"messages[{i}].content")
+        if role == "tool":
+            previous = messages[i - 1] if i else {}  # a dict: checked on the turn before
+            before = previous.get("role")
+            if before != "tool" and not (before == "assistant" and previous.get("tool_calls")):
+                raise InvalidRequest(f"messages[{i}] has role 'tool' but does not answer an assistant message's "
+                                     "tool_calls", param=f"messages[{i}].role")
+            if not isinstance(content, str):
+                raise InvalidRequest(f"messages[{i}].content must be a string", param=f"messages[{i}].content")
+            call_id = message.get("tool_call_id")
+            line = result_line(call_id, called.get(call_id) if isinstance(call_id, str) else None, content)
+            if results:
+                converted[-1]["content"] += "\n" + line
+            else:
+                converted.append({"role": "user", "content": f"{RESULTS_HEADER}\n{line}"})
+                origin.append(i)
+            results = True
+            continue
+        if message.get("tool_calls") and role == "assistant":
+            calls, names = calls_text(message["tool_calls"], f"messages[{i}].tool_calls")
+            called.update(names)
+            content = f"{content}\n{calls}" if isinstance(content, str) and content else calls
+        if results and role == "user" and isinstance(content, str) and content:
+            converted[-1]["content"] += "\n\n" + content
+        else:
+            converted.append({"role": _ROLES[role], "content": content})
+            origin.append(i)
+        results = False
+    if tool_use is not None:
+        if converted and converted[0]["role"] == "system" and isinstance(converted[0]["content"], str):
+            converted[0]["content"] += "\n\n" + tool_use.instructions()
+        else:
+            converted.insert(0, {"role": "system", "content": tool_use.instructions()})
+            origin.insert(0, 0)
+    return converted, ("messages", None, origin)
+
+
+def _text(content: Any, path: str) -> Any:
+    """A message's content: a string, or a list of text parts joined."""
+    if not isinstance(content, list):
+        return content  # the core checks it is a non-empty string
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise InvalidRequest(f"{path}[{j}] must be a text part {{\"type\": \"text\", \"text\": ...}}; "
+                                 "Mixtral-8x7B reads text only", param=f"{path}[{j}]")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _prompts(body: dict[str, Any]) -> tuple[Any, tuple[str, bool | None, list[int]]]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [prompt], ("prompt", True, [])
+    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        return prompt, ("prompt", False, [])
+    raise InvalidRequest("prompt is required: a string or a list of strings", param="prompt")
+
+
+def _rename(param: str | None, names: tuple[str, bool | None, list[int]], body: dict[str, Any]) -> str | None:
+    if param is None:
+        return None
+    field, single, origin = names
+    if param.startswith("input_data.input_string"):
+        rest = param[len("input_data.input_string"):]
+        if origin:  # our message k came from messages[origin[k]]
+            rest = re.sub(r"^\[(\d+)\]", lambda m: f"[{origin[int(m.group(1))]}]", rest)
+        return field + (re.sub(r"^\[0\]", "", rest) if single else rest)
+    name = param.removeprefix("parameters.").removeprefix("input_data.parameters.")
+    if name == "max_new_tokens":
+        return "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if name == "do_sample":
+        return "temperature"
+    base = name.split("[")[0]
+    return {ours: theirs for theirs, ours in _OURS.items()}.get(base, base) + name[len(base):]
+
+
+def error_body(error: ScoringError) -> dict[str, Any]:
+    """OpenAI's error shape, so the SDKs raise their typed errors."""
+    return {"error": {"message": error.message, "type": _STATUS_TYPES.get(error.status, "server_error"),
+                      "param": error.param, "code": error.code}}
+
+
+def usage(completions: list[Completion]) -> dict[str, int]:
+    prompt = sum(len(c.prompt_token_ids) for c in completions)
+    new = sum(len(c.token_ids) for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new}
+
+
+def finish_reason(completion: Completion) -> str:
+    # OpenAI has no "time_limit": the server's deadline cut the answer short, as max_tokens does.
+    return "length" if completion.finish_reason == "time_limit" else completion.finish_reason
+
+
+def render(parsed: OpenAIRequest, completions: list[Completion], request_id: str) -> dict[str, Any]:
+    head = _head(parsed, request_id, chunk=False)
+    if parsed.route == "chat":
+        (completion,) = completions
+        message, reason = _answer(parsed, completion)
+        choices = [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}]
+    else:
+        choices = [{"index": i, "text": c.text, "finish_reason": finish_reason(c), "logprobs": None}
+                   for i, c in enumerate(completions)]
+    return {**head, "choices": choices, "usage": usage(completions)}
+
+
+def _answer(parsed: OpenAIRequest, completion: Completion) -> tuple[dict[str, Any], str]:
+    """The assistant's message and the finish reason: tool calls when the answer is calls, else its text."""
+    calls = read_calls(completion.text, parsed.tools) if parsed.tools is not None else None
+    if calls is not None:
+        return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+    return {"role": "assistant", "content": completion.text}, finish_reason(completion)
+
+
+class CallBuffer:
+    """A stream's text held back while it may be tool calls, which go out whole at its end (in OpenAI's
+    delta shape). With tool_choice auto the grammar parts calls from text at the first character, so text
+    streams from there."""
+
+    def __init__(self, parsed: OpenAIRequest) -> None:
+        self._tools = parsed.tools
+        self.held = False
+        self._decided = parsed.tools is None
+
+    def holds(self, text: str) -> bool:
+        if not self._decided and text:
+            assert self._tools is not None
+            self.held = not self._tools.optional or text.startswith("[")
+            self._decided = True
+        return self.held
+
+
+def render_chunk(parsed: OpenAIRequest, request_id: str, *, text: str | None = None,
+                 completion: Completion | None = None, first: bool = False) -> str:
+    """One server-sent event: the role (first), a piece of text, or the finish reason."""
+    reason = finish_reason(completion) if completion is not None else None
+    if parsed.route == "chat":
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+        if text is not None:
+            delta["content"] = text
+        return _chat_chunk(parsed, request_id, delta, reason)
+    choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+    return _event({**_head(parsed, request_id, chunk=True), "choices": [choice]})
+
+
+def _chat_chunk(parsed: OpenAIRequest, request_id: str, delta: dict[str, Any], reason: str | None) -> str:
+    choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+    return _event({**_head(parsed, request_id, chunk=True), "choices": [choice]})
+
+
+def render_stream_end(parsed: OpenAIRequest, request_id: str, completion: Completion, *, held: bool = False) -> str:
+    """The last events: text held back (as tool calls, or as text when it was none), the finish reason, usage."""
+    if held:
+        message, reason = _answer(parsed, completion)
+        if "tool_calls" in message:
+            delta = {"tool_calls": [{"index": j, **call} for j, call in enumerate(message["tool_calls"])]}
+        else:
+            delta = {"content": completion.text}
+        events = _chat_chunk(parsed, request_id, delta, None) + _chat_chunk(parsed, request_id, {}, reason)
+    else:
+        events = render_chunk(parsed, request_id, completion=completion)
+    if parsed.include_usage:
+        events += _event({**_head(parsed, request_id, chunk=True), "choices": [], "usage": usage([completion])})
+    return events + "data: [DONE]\n\n"
+
+
+def render_stream_error(error: ScoringError) -> str:
+    return _event(error_body(error)) + "data: [DONE]\n\n"
+
+
+def models() -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "mistralai"}]}
+
+
+def _head(parsed: OpenAIRequest, request_id: str, *, chunk: bool) -> dict[str, Any]:
+    if parsed.route == "chat":
+        prefix, kind = "chatcmpl", "chat.completion.chunk" if chunk else "chat.completion"
+    else:
+        prefix, kind = "cmpl", "text_completion"
+    return {"id": f"{prefix}-{request_id}", "object": kind, "created": int(time.time()), "model": MODEL_NAME}
+
+
+def _event(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -1,0 +1,86 @@
+"""The OpenAI and Azure AI Model Inference routes, on azmlinfsrv's own blueprint: one more door.
+
+azmlinfsrv serves only `/`, `/score` and `/swagger.json`, but it imports the entry script and runs
+`init()` before it registers its Flask blueprint, so rules that `init()` adds to that blueprint are
+served with its request ids, access log and error handling (azureml-inference-server-http 1.5.1,
+pinned; `tests/test_openai.py` fails if a new version stops serving them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+
+import flask
+
+from mixtral_endpoint.doors.openai import protocol as openai
+from mixtral_endpoint.protocol.errors import ModelNotReady, ScoringError, as_scoring_error
+from mixtral_endpoint.protocol.request import Completion
+from mixtral_endpoint.serving.metrics import CONTENT_TYPE
+from mixtral_endpoint.serving.service import Scorer
+
+log = logging.getLogger(__name__)
+
+ROUTES: dict[str, openai.Route] = {"/v1/chat/completions": "chat", "/chat/completions": "chat",
+                                   "/v1/completions": "completions", "/completions": "completions"}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def register(blueprint: flask.Blueprint, scorer: Callable[[], Scorer | None]) -> None:
+    """Adds the routes to azmlinfsrv's blueprint; `scorer` gives the loaded core (None before init)."""
+    for path, route in ROUTES.items():
+        blueprint.add_url_rule(path, f"openai_{path.strip('/').replace('/', '_')}",
+                               lambda route=route: _completion(route, scorer()), methods=["POST"])
+    blueprint.add_url_rule("/v1/models", "openai_models", lambda: _json(openai.models()), methods=["GET"])
+    blueprint.add_url_rule("/info", "azure_model_info", lambda: _json(openai.MODEL_INFO), methods=["GET"])
+    # Prometheus's scrape, beside them: vLLM's metric names, from the core (metrics.py).
+    blueprint.add_url_rule("/metrics", "prometheus_metrics", lambda: _metrics(scorer()), methods=["GET"])
+
+
+def _completion(route: openai.Route, scorer: Scorer | None) -> flask.Response:
+    flask.g.api_name = flask.request.path  # azmlinfsrv's access log line
+    request_id = flask.g.get("request_id") or uuid.uuid4().hex
+    body = None
+    try:
+        if scorer is None:
+            raise ModelNotReady("the model is still loading; try again shortly", retry_after=30)
+        body = scorer.read_json(flask.request.stream, declared_length=flask.request.content_length)
+        parsed = openai.parse(body, route, scorer.config.limits,
+                              extra_parameters=flask.request.headers.get("extra-parameters"))
+        if parsed.request.stream:
+            events = scorer.stream(parsed.request, request_id)
+            return flask.Response(_events(parsed, events, request_id), mimetype="text/event-stream",
+                                  headers=SSE_HEADERS)
+        return _json(openai.render(parsed, scorer.complete(parsed.request, request_id), request_id))
+    except Exception as exc:  # the caller gets a typed error in OpenAI's shape, never a traceback
+        error = as_scoring_error(exc, log)
+        error.param = openai.rename_param(error.param, route, body)  # the core's own paths, as OpenAI names them
+        return _json(openai.error_body(error), error.status, error.headers())
+
+
+def _events(parsed: openai.OpenAIRequest, events: Iterator[str | Completion], request_id: str) -> Iterator[str]:
+    try:
+        with contextlib.closing(events):  # a caller that goes away, even before the first chunk, cancels its row
+            if parsed.route == "chat":
+                yield openai.render_chunk(parsed, request_id, first=True)
+            calls = openai.CallBuffer(parsed)
+            for item in events:
+                if isinstance(item, str):
+                    if item and not calls.holds(item):
+                        yield openai.render_chunk(parsed, request_id, text=item)
+                else:
+                    yield openai.render_stream_end(parsed, request_id, item, held=calls.held)
+    except ScoringError as exc:
+        yield openai.render_stream_error(exc)
+
+
+def _metrics(scorer: Scorer | None) -> flask.Response:
+    if scorer is None:
+        return _json(openai.error_body(ModelNotReady("the model is still loading")), 503)
+    return flask.Response(scorer.metrics.exposition(), content_type=CONTENT_TYPE)
+
+
+def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> flask.Response:
+    return flask.Response(flask.json.dumps(body), status=status, headers=headers, mimetype="application/json")

@@ -1,0 +1,245 @@
+"""The one interface between the core and whatever generates, and what both engines share.
+
+An engine takes rows (a prompt's token ids, frozen SamplingSettings, a deadline) and generates
+for them concurrently. A Row is also the caller's handle: the engine sends each new token id to
+the row's sink as it comes, ends the row with a finish reason (or an error), and stops a row that
+the caller cancelled at its next step. Engines know no text: stop strings, the bounded queue and
+rendering stay in the core, so both engines answer the same API the same way.
+
+Two engines implement it: `TransformersEngine` (our continuous batching on transformers: the
+reference, and the CPU default) and `VllmEngine` (vLLM, for GPUs); `engines.py` chooses one.
+
+An engine that dies (an error out of its loop, or a fault that persists) fails every row in flight
+and calls `on_death`; it never serves again. What to do about it (end the worker) is the door's.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from mixtral_endpoint.protocol.errors import ModelNotReady
+from mixtral_endpoint.protocol.sampling import Generation, SamplingSettings
+
+log = logging.getLogger(__name__)
+
+# Sinks receive (row, token id) for each new token, then (row, None) once the row has ended.
+Sink = queue.SimpleQueue
+
+
+@dataclass(eq=False)
+class Row:
+    """One prompt in flight, and the caller's handle on it."""
+
+    prompt: list[int]
+    settings: SamplingSettings
+    deadline: float | None = None  # time.monotonic() after which the row ends with "time_limit"
+    sink: Sink | None = None
+    # Each token to the sink (streams and stop strings need them as they come), or only the end: a
+    # caller thread woken per token competes with the engine thread for the GIL (measured: batch
+    # scoring with 24 callers ran at 0.47x the throughput of waking them once per row).
+    each_token: bool = True
+    on_end: Callable[[Row], None] | None = None  # the core's admission count, released once
+    # settings.constraint compiled for our engine's vocabulary (an xgrammar CompiledGrammar), by the core's
+    # cache; vLLM compiles the constraint itself. Our engine keeps the row's matcher of it in `matcher`.
+    grammar: Any = None
+    matcher: Any = None
+    tokens: list[int] = field(default_factory=list)  # written by the engine thread only
+    finish_reason: str | None = None  # stop | length | time_limit | cancelled | error
+    error: BaseException | None = None
+    cancelled: bool = False
+    submitted_at: float = field(default_factory=time.monotonic)  # when the caller asked: its wait in the line counts
+    started_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    peak_batch: int = 0  # the most rows this one was generated together with (itself included)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Stops the row at the engine's next step; a no-op once it has ended."""
+        self.cancelled = True
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    # The engine's side.
+    def emit(self, token: int, now: float, batch: int) -> None:
+        self.tokens.append(token)
+        self.first_token_at = self.first_token_at or now
+        self.last_token_at = now
+        self.peak_batch = max(self.peak_batch, batch)
+        if self.sink is not None and self.each_token:
+            self.sink.put((self, token))
+
+    def finish(self, reason: str) -> None:
+        if self.done.is_set():
+            return
+        self.finish_reason = reason
+        self.done.set()
+        if self.on_end is not None:
+            self.on_end(self)
+        if self.sink is not None:
+            self.sink.put((self, None))
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.finish("error")
+
+    @property
+    def generation(self) -> Generation:
+        assert self.finish_reason is not None
+        return Generation(tuple(self.tokens), self.finish_reason)
+
+
+# Retry-After for a request that reaches an engine that has died: a fresh worker loads the model
+# (seconds for the embedded model, a few minutes for Mixtral-8x7B).
+RETRY_AFTER_DEATH_S = 30
+# Errors after which a device serves nothing more until the process ends.
+_DEVICE_LOST = ("illegal memory access", "device-side assert", "unspecified launch failure", "ECC error",
+                "device lost", "CUDA error: misaligned address")
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What an engine holds at once: the core's line hands it rows while both limits allow."""
+
+    rows: int  # rows stepped together (our batch; vLLM's max_num_seqs)
+    # vLLM's paged KV cache, in tokens: a row takes its prompt + max_new_tokens, in whole blocks. None: our
+    # engine, whose rows x context cache holds any row that fits the context.
+    kv_tokens: int | None = None
+    block_tokens: int = 1
+
+    def cost(self, row: Row) -> int:
+        """The cache tokens `row` may come to hold: its prompt and every token it may generate."""
+        if self.kv_tokens is None:
+            return 0
+        tokens = len(row.prompt) + row.settings.max_new_tokens
+        return -(-tokens // self.block_tokens) * self.block_tokens
+
+
+class Engine(Protocol):
+    name: str
+    context_window: int  # prompt + new tokens of one row, at most
+    eos_id: int
+    capacity: Capacity
+    on_death: Callable[[BaseException], None] | None  # called on the engine thread if it dies
+
+    @property
+    def dead(self) -> BaseException | None:
+        """What killed the engine, or None while it serves."""
+
+    @property
+    def row_counts(self) -> tuple[int, int]:
+        """(rows generating, rows waiting for a place)."""
+
+    def submit(self, rows: Sequence[Row]) -> None:
+        """Starts generating for `rows`; they end through Row.finish or Row.fail, never silently.
+        Raises ModelNotReady once the engine has died or is closing."""
+
+    def close(self) -> None:
+        """Ends every row still in flight (cancelled), stops the engine thread and frees the model."""
+
+
+def device_lost(error: BaseException) -> bool:
+    """An error after which the device runs nothing more in this process (CUDA's "illegal memory
+    access" poisons the context until the process ends): the engine's death, not one batch's."""
+    import torch
+
+    return isinstance(error, torch.AcceleratorError) or any(m in str(error) for m in _DEVICE_LOST)
+
+
+class EngineThread:
+    """What both engines share: one thread that loads the model and runs every step (on CPU, torch
+    runs up to 1.5x slower in a thread other than the one that first used its OpenMP pool), an
+    inbox of submitted rows, a clean close, and a death that fails every row and calls `on_death`."""
+
+    name: str
+    close_timeout_s = 60.0  # a step longer than this is stuck: close leaves the model to the thread
+
+    def __init__(self, load: Callable[[], None], *, thread_name: str) -> None:
+        """Starts the thread, which calls `load`; returns once it has (raising what it raised)."""
+        self.on_death: Callable[[BaseException], None] | None = None
+        self._inbox: collections.deque[Row] = collections.deque()
+        self._wake = threading.Condition()  # guards the inbox and the flags below
+        self._closing = False
+        self._dead: BaseException | None = None
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(load,), name=thread_name, daemon=True)
+        self._thread.start()
+        self._loaded.wait()
+        if self._load_error is not None:
+            raise self._load_error
+
+    @property
+    def dead(self) -> BaseException | None:
+        return self._dead
+
+    def submit(self, rows: Sequence[Row]) -> None:
+        with self._wake:
+            if self._dead is not None:
+                raise ModelNotReady("the engine failed and this worker is being replaced; retry shortly",
+                                    retry_after=RETRY_AFTER_DEATH_S)
+            if self._closing:
+                raise ModelNotReady("the server is shutting down; retry shortly", retry_after=2)
+            self._inbox.extend(rows)
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.close_timeout_s)
+            if self._thread.is_alive():
+                # Its step still runs: the thread frees the model once that step ends, not before.
+                log.error("the %s engine did not stop within %.0f s; it frees its model when its step ends",
+                          self.name, self.close_timeout_s)
+
+    def _loop(self) -> None:
+        """Runs until `_closing`; an exception out of it is the engine's death."""
+        raise NotImplementedError
+
+    def _drop_in_flight(self) -> list[Row]:
+        """Forgets the rows the model is working on and returns them."""
+        raise NotImplementedError
+
+    def _unload(self) -> None:
+        """Drops the model, so its memory goes with the last reference."""
+        raise NotImplementedError
+
+    def _run(self, load: Callable[[], None]) -> None:
+        try:
+            load()
+        except BaseException as exc:
+            self._load_error = exc
+            return
+        finally:
+            self._loaded.set()
+        try:
+            self._loop()
+        except BaseException as exc:
+            log.critical("the %s engine died", self.name, exc_info=exc)
+            self._dead = exc
+            self._end_all(functools.partial(Row.fail, error=exc))
+            if self.on_death is not None:
+                self.on_death(exc)
+        else:
+            self._end_all(functools.partial(Row.finish, reason="cancelled"))
+        finally:
+            self._unload()  # on this thread, once no step can run: nothing frees the model under one
+
+    def _end_all(self, end: Callable[[Row], None]) -> None:
+        with self._wake:
+            rows = [*self._drop_in_flight(), *self._inbox]
+            self._inbox.clear()
+        for row in rows:
+            end(row)

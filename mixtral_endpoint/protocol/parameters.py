@@ -1,0 +1,135 @@
+"""Request parameters, each declared once: name, JSON type, bounds, default, meaning, destination.
+
+Everything else follows from this table: the `parameters` of `schemas/request.schema.json` (a
+test checks the committed file equals `json_schema()`; `mixtral-endpoint swagger` rewrites it),
+the swagger files built from that schema, the engine's `SamplingSettings` (its defaults and its
+own bound checks), `protocol.to_settings`, the MLflow signature and the OpenAI names.
+
+Pure: no torch, mlflow or azureml.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from mixtral_endpoint.protocol.constraints import RESPONSE_FORMAT_SCHEMA
+
+
+class _ServerDefault:
+    """The default of a parameter whose default the server's settings decide."""
+
+    def __repr__(self) -> str:
+        return "SERVER_DEFAULT"
+
+
+# max_new_tokens: MIXTRAL_DEFAULT_MAX_NEW_TOKENS decides. Never written into the schema or the MLflow
+# signature, where a literal default would override the server's (and trip MIXTRAL_MAX_NEW_TOKENS).
+SERVER_DEFAULT: Final = _ServerDefault()
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    type: Literal["number", "integer", "boolean", "string", "object"]
+    description: str
+    default: Any  # a JSON value, None for "unset", or SERVER_DEFAULT
+    minimum: float | None = None
+    exclusive_minimum: float | None = None
+    maximum: float | None = None
+    max_items: int | None = None  # a string parameter that also takes a list of at most this many strings
+    shape: dict[str, Any] | None = None  # an object parameter's JSON schema
+    # "settings": a field of the engine's SamplingSettings; "request": a field of ScoringRequest.
+    goes_to: Literal["settings", "request"] = "settings"
+    openai: str | None = None  # its name on the OpenAI routes; None: not offered there
+
+    @property
+    def server_decides_default(self) -> bool:
+        return self.default is SERVER_DEFAULT
+
+    def violation(self, value: float) -> str | None:
+        """The bound `value` breaks ("must be >= 0"), or None."""
+        if self.minimum is not None and value < self.minimum:
+            return f"must be >= {_number(self.minimum)}"
+        if self.exclusive_minimum is not None and value <= self.exclusive_minimum:
+            return f"must be > {_number(self.exclusive_minimum)}"
+        if self.maximum is not None and value > self.maximum:
+            return f"must be <= {_number(self.maximum)}"
+        return None
+
+    def json_schema(self) -> dict[str, Any]:
+        if self.shape is not None:
+            schema = dict(self.shape)
+        elif self.max_items is not None:
+            text = {"type": "string", "minLength": 1}
+            schema: dict[str, Any] = {"anyOf": [text, {"type": "array", "maxItems": self.max_items, "items": text}]}
+        else:
+            schema = {"type": [self.type, "null"] if self.default is None else self.type}
+        for keyword, bound in (("minimum", self.minimum), ("exclusiveMinimum", self.exclusive_minimum),
+                               ("maximum", self.maximum)):
+            if bound is not None:
+                schema[keyword] = bound
+        if not self.server_decides_default:
+            schema["default"] = list(self.default) if isinstance(self.default, tuple) else self.default
+        schema["description"] = self.description
+        return schema
+
+
+_SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
+
+PARAMETERS: Final[tuple[Parameter, ...]] = (
+    Parameter("temperature", "number", "Softmax temperature; 0 means greedy.", 1.0,
+              minimum=0, maximum=100, openai="temperature"),
+    Parameter("top_p", "number", "Nucleus sampling: only the most likely tokens whose probabilities add up to top_p.",
+              1.0, exclusive_minimum=0, maximum=1, openai="top_p"),
+    Parameter("top_k", "integer", "Top-k sampling; 0 disables it.", 0, minimum=0, openai="top_k"),
+    Parameter("do_sample", "boolean", "Sample instead of greedy decoding (greedy also when temperature is 0).", False),
+    Parameter("max_new_tokens", "integer",
+              "New tokens at most. Default: the server's `MIXTRAL_DEFAULT_MAX_NEW_TOKENS`; "
+              "capped by its `MIXTRAL_MAX_NEW_TOKENS`.", SERVER_DEFAULT, minimum=1, openai="max_tokens"),
+    Parameter("return_full_text", "boolean",
+              "Conversation: add `messages`, the conversation with the reply appended; "
+              "text: prompt + completion.", False, goes_to="request"),
+    Parameter("repetition_penalty", "number",
+              "Penalise tokens already in the prompt or the completion; 1.0 disables it.", 1.0,
+              exclusive_minimum=0, maximum=10, openai="repetition_penalty"),
+    # Stop strings are text; the engine knows only token ids, so the core checks them.
+    Parameter("stop", "string", "Generation ends before the first of these strings, which is cut from the text.",
+              (), max_items=4, goes_to="request", openai="stop"),
+    Parameter("seed", "integer", "Makes sampling reproducible; unset, each request draws its own.", None,
+              minimum=0, maximum=_SEED_MAX, openai="seed"),
+    Parameter("ignore_eos", "boolean", "Keep generating past end-of-sequence.", False, openai="ignore_eos"),
+    Parameter("return_token_ids", "boolean", "Add `prompt_token_ids` and `token_ids` to each result.", False,
+              goes_to="request"),
+    # OpenAI's response_format, plus "regex" and "choice"; the core turns it into the engine's Constraint.
+    Parameter("response_format", "object",
+              "Constrain the answer: `{\"type\": \"json_object\"}`, `{\"type\": \"json_schema\", \"json_schema\": "
+              "{\"name\": ..., \"schema\": {...}}}`, `{\"type\": \"regex\", \"regex\": ...}`, `{\"type\": \"choice\", "
+              "\"choice\": [...]}` or `{\"type\": \"text\"}` (none).", {"type": "text"}, shape=RESPONSE_FORMAT_SCHEMA,
+              openai="response_format"),
+    Parameter("safe_prompt", "boolean", "Put Mistral's guardrail prompt before the conversation, as its system "
+              "message. Default: the server's `MIXTRAL_SAFE_PROMPT`. Conversations only.", SERVER_DEFAULT,
+              goes_to="request", openai="safe_prompt"),
+    Parameter("stream", "boolean", "Answer with server-sent events: text chunks, then one event with "
+              "`finish_reason` and `usage`. One conversation or one prompt; /score only.", False,
+              goes_to="request", openai="stream"),
+)
+
+BY_NAME: Final[dict[str, Parameter]] = {p.name: p for p in PARAMETERS}
+
+
+def json_schema() -> dict[str, Any]:
+    """`$defs.parameters` of the request schema."""
+    return {"type": "object", "additionalProperties": False,
+            "properties": {p.name: p.json_schema() for p in PARAMETERS}}
+
+
+def default(name: str) -> Any:
+    """A parameter's own default; for one the server decides, ask the server's settings instead."""
+    value = BY_NAME[name].default
+    assert value is not SERVER_DEFAULT, f"{name}'s default is the server's"
+    return value
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)

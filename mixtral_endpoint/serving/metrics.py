@@ -1,0 +1,116 @@
+"""Prometheus metrics in vLLM's names, types, labels and buckets (vLLM 0.32's `v1/metrics/loggers.py` and
+`buckets.py`), kept by the core so both engines report alike and vLLM's Grafana dashboards read them.
+
+A row is what vLLM calls a request: each prompt of a /score request counts once. One gunicorn worker
+serves every caller, so one in-process registry holds every count: no multiprocess mode is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from mixtral_endpoint.engines.engine import Row
+from mixtral_endpoint.serving.line import Line
+
+LABELS = ("model_name", "engine")  # vLLM's; engine is its engine index, "0" for one engine
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                           240.0, 480.0, 960.0, 1920.0, 7680.0)
+TIME_TO_FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                               10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+INTER_TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                               20.0, 40.0, 80.0)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def token_buckets(max_model_len: int) -> list[float]:
+    """vLLM's 1-2-5 series up to the window: 1, 2, 5, 10, 20, 50, ..."""
+    buckets, scale = [], 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > max_model_len:
+                return buckets
+            buckets.append(float(mantissa * scale))
+        scale *= 10
+
+
+class Metrics:
+    def __init__(self, line: Line, *, model_name: str, max_model_len: int) -> None:
+        self.registry = CollectorRegistry()
+        values = {"model_name": model_name, "engine": "0"}
+
+        def make(kind, name, documentation, **kwargs):
+            return kind(name, documentation, [*LABELS, *kwargs.pop("extra", ())], registry=self.registry, **kwargs)
+
+        running = make(Gauge, "vllm:num_requests_running", "Number of requests in model execution batches.")
+        running.labels(**values).set_function(lambda: line.counts[0])
+        waiting = make(Gauge, "vllm:num_requests_waiting", "Number of requests waiting to be processed.")
+        waiting.labels(**values).set_function(lambda: line.counts[1])
+        usage = make(Gauge, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
+        usage.labels(**values).set_function(lambda: _kv_usage(line))
+        self.prompt_tokens = make(Counter, "vllm:prompt_tokens", "Number of prefill tokens processed.").labels(**values)
+        self.generation_tokens = make(Counter, "vllm:generation_tokens",
+                                      "Number of generation tokens processed.").labels(**values)
+        self._success = make(Counter, "vllm:request_success", "Count of successfully processed requests.",
+                             extra=("finished_reason",))
+        self._values = values
+        tokens = token_buckets(max_model_len)
+        self.request_prompt_tokens = make(Histogram, "vllm:request_prompt_tokens",
+                                          "Number of prefill tokens processed.", buckets=tokens).labels(**values)
+        self.request_generation_tokens = make(Histogram, "vllm:request_generation_tokens",
+                                              "Number of generation tokens processed.", buckets=tokens).labels(**values)
+        self.time_to_first_token = make(Histogram, "vllm:time_to_first_token_seconds",
+                                        "Histogram of time to first token in seconds.",
+                                        buckets=TIME_TO_FIRST_TOKEN_BUCKETS).labels(**values)
+        self.inter_token_latency = make(Histogram, "vllm:inter_token_latency_seconds",
+                                        "Histogram of inter-token latency in seconds.",
+                                        buckets=INTER_TOKEN_LATENCY_BUCKETS).labels(**values)
+        self.e2e_latency = make(Histogram, "vllm:e2e_request_latency_seconds",
+                                "Histogram of e2e request latency in seconds.",
+                                buckets=REQUEST_LATENCY_BUCKETS).labels(**values)
+        self.queue_time = make(Histogram, "vllm:request_queue_time_seconds",
+                               "Histogram of time spent in WAITING phase for request.",
+                               buckets=REQUEST_LATENCY_BUCKETS).labels(**values)
+
+    def record(self, rows: Sequence[Row], token_counts: Sequence[int], finish_reasons: Sequence[str],
+               now: float) -> None:
+        """Rows that have ended, with the tokens their callers got and why each ended (vLLM's
+        finished_reason: stop, length, abort; ours adds time_limit)."""
+        for row, tokens, reason in zip(rows, token_counts, finish_reasons, strict=True):
+            self.prompt_tokens.inc(len(row.prompt))
+            self.generation_tokens.inc(tokens)
+            self._success.labels(**self._values, finished_reason=reason).inc()
+            self.request_prompt_tokens.observe(len(row.prompt))
+            self.request_generation_tokens.observe(tokens)
+            self.e2e_latency.observe(now - row.submitted_at)
+            started = row.started_at or now
+            self.queue_time.observe(started - row.submitted_at)
+            if row.first_token_at is not None:
+                self.time_to_first_token.observe(row.first_token_at - row.submitted_at)
+                if tokens > 1 and row.last_token_at is not None:
+                    # The mean gap, once per gap: the histogram's sum and count are exact, its spread is not.
+                    gap = (row.last_token_at - row.first_token_at) / (tokens - 1)
+                    _observe_times(self.inter_token_latency, gap, tokens - 1)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _observe_times(histogram: Histogram, amount: float, times: int) -> None:
+    """`histogram.observe(amount)` `times` times, in one step (256 rows of 128 tokens ending at one step made
+    32,512 calls). prometheus_client 0.26's own fields, as its observe() updates them; the version is pinned
+    and tests/test_metrics.py checks the counts."""
+    histogram._sum.inc(amount * times)
+    for i, bound in enumerate(histogram._upper_bounds):
+        if amount <= bound:
+            histogram._buckets[i].inc(times)
+            break
+
+
+def _kv_usage(line: Line) -> float:
+    """The share of the cache reserved: on vLLM its tokens; on our engine rows, each holding a whole window."""
+    running, _, reserved = line.counts
+    if line.capacity.kv_tokens:
+        return reserved / line.capacity.kv_tokens
+    return running / line.capacity.rows

@@ -1,0 +1,326 @@
+"""The one core every door calls: a parsed request in, its completions (or a stream of its text) out,
+or a typed error.
+
+Everything between the doors and the engine interface lives here, so both engines and every door answer
+alike: tokenization, compiled grammars (grammar.py), the bounded line (line.py), deadlines, stop strings,
+content screening and the guardrail prompt (safety.py), data collection (collector.py), metrics and the
+per-request log line. Each door parses its own API into a ScoringRequest and renders the Completions
+(score_api.py for /score, MLflow and batch jobs; openai_routes.py for the OpenAI routes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import time
+import weakref
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from mixtral_endpoint.engines.choice import load_engine
+from mixtral_endpoint.engines.engine import Engine, Row
+from mixtral_endpoint.engines.grammar import Grammars
+from mixtral_endpoint.model.checkpoint import inspect_checkpoint
+from mixtral_endpoint.model.tokenizer import PromptTokenizer
+from mixtral_endpoint.protocol.config import MODEL_NAME, ServerConfig
+from mixtral_endpoint.protocol.constraints import Constraint
+from mixtral_endpoint.protocol.errors import (
+    ContextLengthExceeded,
+    InternalError,
+    InvalidRequest,
+    ModelNotReady,
+    PayloadTooLarge,
+    ScoringError,
+)
+from mixtral_endpoint.protocol.request import (
+    Completion,
+    ScoringRequest,
+    parse_json,
+)
+from mixtral_endpoint.serving.collector import DataCollector
+from mixtral_endpoint.serving.detokenizer import Detokenizer
+from mixtral_endpoint.serving.line import RETRY_AFTER_S, Line
+from mixtral_endpoint.serving.metrics import Metrics
+from mixtral_endpoint.serving.safety import CHUNK_CHARS, STREAM_WINDOW_CHARS, Screen, with_guardrail
+
+log = logging.getLogger(__name__)
+
+_GRACE_S = 30.0  # past a row's deadline, a wait this much longer means the engine is stuck
+_CONTEXT_TOKENS = 8  # prompt tokens decoded before a completion, so its leading space survives
+
+
+class Stream(Iterator[str | Completion]):
+    """A stream's new text, then its Completion. Closing it cancels its row, even before the first
+    piece was asked for (a generator closed before it started would run none of its clean-up)."""
+
+    def __init__(self, pieces: Generator[str | Completion, None, None], row: Row, line: Line) -> None:
+        self._pieces = pieces
+        self.row = row
+        self._line = line
+
+    def __next__(self) -> str | Completion:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._line.cancel([self.row])
+        self._pieces.close()
+
+
+class Scorer:
+    def __init__(self, engine: Engine, tokenizer: PromptTokenizer, config: ServerConfig) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.config = config
+        self.line = Line(engine, config.max_queue)
+        self.grammars = Grammars(tokenizer)
+        self.collector = DataCollector() if config.data_collection else None
+        self.screen = None if not config.content_safety_endpoint else Screen(
+            config.content_safety_endpoint, threshold=config.content_safety_threshold,
+            fail_open=config.content_safety_fail_open, key=config.content_safety_key)
+        # Closes the engine once: on close(), when the scorer is collected (a notebook or MLflow
+        # loading the model again frees the last copy) or at interpreter exit, before torch is torn
+        # down under the engine thread. It holds the engine, never the scorer; the screen's closer likewise.
+        self._close = weakref.finalize(self, engine.close)
+        self._close_screen = weakref.finalize(self, self.screen.close) if self.screen is not None else None
+        # The engine's window: the model's context, or on vLLM at most what its KV cache holds.
+        window = engine.context_window
+        self.max_total_tokens = min(config.max_total_tokens, window) if config.max_total_tokens else window
+        assert (engine.capacity.kv_tokens or window) >= window, "a row of the whole window must fit the cache"
+        self.metrics = Metrics(self.line, model_name=MODEL_NAME, max_model_len=self.max_total_tokens)
+
+    @classmethod
+    def load(cls, checkpoint_dir: Path, config: ServerConfig) -> Scorer:
+        checkpoint = inspect_checkpoint(checkpoint_dir)
+        tokenizer = PromptTokenizer(checkpoint_dir / "tokenizer.model")
+        return cls(load_engine(checkpoint, config), tokenizer, config)
+
+    def close(self) -> None:
+        """Closes the engine and the screening process, once (a door's shutdown and interpreter exit may
+        both ask)."""
+        self._close()
+        if self._close_screen is not None:
+            self._close_screen()
+
+    def read_json(self, body: BinaryIO, *, declared_length: int | None = None) -> Any:
+        """A request body as a door receives it: the size cap, then JSON. A body whose declared length
+        is over the cap is refused before a byte of it is read, and none is read past the cap
+        whatever it declares (a chunked body declares nothing)."""
+        limit = self.config.max_body_bytes
+        if declared_length is not None and declared_length > limit:
+            raise _too_large(f"{declared_length} bytes", limit)
+        data = body.read(limit + 1)
+        if len(data) > limit:
+            raise _too_large(f"over {limit} bytes", limit)
+        return parse_json(data)
+
+    def complete(self, request: ScoringRequest, request_id: str) -> list[Completion]:
+        """Generates for every prompt of a validated request and waits for all."""
+        rows, texts, sink = self._admit(request)
+        for _ in self._follow(request_id, rows, texts, sink):
+            pass
+        completions = [self._complete(row, text) for row, text in zip(rows, texts, strict=True)]
+        if self.screen is not None:
+            verdicts = [self.screen.start(c.text) for c in completions]  # all at once: one round trip
+            completions = [_withheld(c, "") if v.answer_flagged() else c
+                           for c, v in zip(completions, verdicts, strict=True)]
+        self._log(request_id, request, rows, completions)
+        return completions
+
+    def stream(self, request: ScoringRequest, request_id: str) -> Stream:
+        """New text as it is generated, then the Completion; a failure midway raises a ScoringError.
+
+        Validation, screening of the prompt and admission happen before this returns, so a stream never
+        starts with an error.
+        """
+        assert request.prompts is None or len(request.prompts) == 1, "a stream has one prompt"
+        rows, texts, sink = self._admit(request)
+        return Stream(self._stream(request_id, request, rows[0], texts[0], sink), rows[0], self.line)
+
+    def _admit(self, request: ScoringRequest) -> tuple[list[Row], list[Detokenizer], queue.SimpleQueue]:
+        """The request's rows in the line, its prompts screened. The prompts are screened while the engine
+        already works on them (the screening's round trip is not added to the time to first token, nor does
+        it hold a place in the batch empty); nothing of a row reaches the caller before its prompt passed,
+        and a flagged prompt's rows are cancelled."""
+        prompts = self._encode(request)
+        verdicts = [] if self.screen is None else [self.screen.start(text) for text in _screened_prompts(request)]
+        rows, texts, sink = self._submit(request, prompts)
+        try:
+            for verdict in verdicts:
+                verdict.check_prompt(param="input_data.input_string")
+        except BaseException:
+            self.line.cancel(rows)
+            raise
+        return rows, texts, sink
+
+    def _encode(self, request: ScoringRequest) -> list[list[int]]:
+        """The prompts' token ids; with the guardrail prompt where the request or server asks."""
+        if request.conversation is not None:
+            safe = self.config.safe_prompt if request.safe_prompt is None else request.safe_prompt
+            conversation = with_guardrail(request.conversation) if safe else request.conversation
+            prompts = [self.tokenizer.encode_chat(conversation)]
+        else:
+            assert request.prompts is not None
+            prompts = [self.tokenizer.encode_text(p) for p in request.prompts]
+        wanted = request.settings.max_new_tokens
+        for i, ids in enumerate(prompts):
+            if len(ids) + wanted > self.max_total_tokens:
+                raise ContextLengthExceeded(
+                    f"the prompt is {len(ids)} tokens and max_new_tokens is {wanted}: {len(ids) + wanted} "
+                    f"tokens, over the context window of {self.max_total_tokens}",
+                    param="input_data.input_string" + ("" if request.is_chat else f"[{i}]"),
+                )
+        return prompts
+
+    def _submit(self, request: ScoringRequest, prompts: list[list[int]]
+                ) -> tuple[list[Row], list[Detokenizer], queue.SimpleQueue]:
+        grammar = self._grammar(request.settings.constraint)
+        deadline = time.monotonic() + self.config.request_timeout_s
+        sink: queue.SimpleQueue = queue.SimpleQueue()  # every row of the request reports here
+        rows = [Row(p, request.settings, deadline, sink, each_token=request.stream or bool(request.stop),
+                    grammar=grammar) for p in prompts]
+        texts = [Detokenizer(self.tokenizer.decode, eos_id=self.tokenizer.eos_id, stops=request.stop,
+                             context=() if request.is_chat else p[-_CONTEXT_TOKENS:]) for p in prompts]
+        try:
+            self.line.take(rows)
+        except BaseException:
+            for row in rows:
+                row.finish("error")  # gives their places in the line back
+            raise
+        return rows, texts, sink
+
+    def _grammar(self, constraint: Constraint | None) -> object | None:
+        """The constraint compiled (once: cached); both engines' constraints are checked here, before admission."""
+        if constraint is None:
+            return None
+        try:
+            return self.grammars.compile(constraint)
+        except ValueError as exc:
+            raise InvalidRequest(f"{constraint.param or 'the constraint'} cannot be compiled into a grammar: {exc}",
+                                 param=constraint.param or None) from None
+
+    def _follow(self, request_id: str, rows: list[Row], texts: list[Detokenizer],
+                sink: queue.SimpleQueue) -> Iterator[str]:
+        """Reads the rows' tokens as they come until every row has ended; yields new safe text (of a
+        single row: streams have one). A row that hits a stop string is cancelled in the engine."""
+        text_of = {id(row): text for row, text in zip(rows, texts, strict=True)}
+        open_rows = {id(row) for row in rows}
+        deadline = max(row.deadline or 0.0 for row in rows) + _GRACE_S
+        try:
+            while open_rows:
+                try:
+                    row, token = sink.get(timeout=max(deadline - time.monotonic(), 0.0))
+                except queue.Empty:
+                    log.error("request %s: the engine stalled", request_id)
+                    raise InternalError("generation stalled; the server log has the details") from None
+                if id(row) not in open_rows:
+                    continue  # tokens the engine made before it saw our cancel
+                text = text_of[id(row)]
+                if token is None:
+                    if isinstance(row.error, ScoringError):  # the engine died before it took the row
+                        raise row.error
+                    if row.error is not None:
+                        log.error("request %s: generation failed", request_id, exc_info=row.error)
+                        raise InternalError("generation failed; the server log has the details")
+                    if row.finish_reason == "cancelled":
+                        raise ModelNotReady("the server is shutting down; retry shortly", retry_after=RETRY_AFTER_S)
+                    if not row.each_token:
+                        text.extend(row.tokens)  # final: the engine is done with the row
+                    text.flush()
+                    open_rows.discard(id(row))
+                else:
+                    text.add(token)
+                    if text.stopped:
+                        self.line.cancel([row])
+                        open_rows.discard(id(row))
+                yield text.take(final=id(row) not in open_rows)
+        finally:
+            self.line.cancel(rows)  # a caller that went away, or a failed neighbour: stop at the next step
+
+    def _stream(self, request_id: str, request: ScoringRequest, row: Row, text: Detokenizer,
+                sink: queue.SimpleQueue) -> Iterator[str | Completion]:
+        # With screening, text is released window by window, each once screened (safety.py).
+        released, held, flagged, window = "", "", False, STREAM_WINDOW_CHARS
+        try:
+            with contextlib.closing(self._follow(request_id, [row], [text], sink)) as pieces:
+                for piece in pieces:
+                    if self.screen is None:
+                        yield piece
+                        continue
+                    held += piece
+                    if len(held) >= window:
+                        if flagged := self.screen.start(held).answer_flagged():
+                            break  # closing _follow cancels the row
+                        released, piece, held = released + held, held, ""
+                        window = min(2 * window, CHUNK_CHARS)
+                        yield piece
+        except GeneratorExit:  # the caller went away; _follow has cancelled the row
+            row.done.wait(timeout=_GRACE_S)
+            log.info("request=%s engine=%s cancelled: the caller went away; generation stopped after %d tokens "
+                     "(max_new_tokens %d)", request_id, self.engine.name, len(row.tokens),
+                     request.settings.max_new_tokens)
+            self.metrics.record([row], [len(row.tokens)], ["abort"], time.monotonic())
+            raise
+        if flagged:
+            completion = Completion(text=released, prompt_token_ids=tuple(row.prompt), token_ids=(),
+                                    finish_reason="content_filter")
+        else:
+            completion = self._complete(row, text)
+            if held and self.screen is not None:
+                if self.screen.start(held).answer_flagged():
+                    completion = _withheld(completion, released)
+                else:
+                    yield held
+        self._log(request_id, request, [row], [completion])
+        yield completion
+
+    @staticmethod
+    def _complete(row: Row, text: Detokenizer) -> Completion:
+        finish_reason = "stop" if text.stopped else row.finish_reason
+        assert finish_reason in ("stop", "length", "time_limit"), finish_reason
+        return Completion(text=text.text, prompt_token_ids=tuple(row.prompt), token_ids=tuple(text.tokens),
+                          finish_reason=finish_reason)
+
+    def _log(self, request_id: str, request: ScoringRequest, rows: Sequence[Row],
+             completions: Sequence[Completion]) -> None:
+        submitted = min(r.submitted_at for r in rows)
+        started = max(r.started_at or submitted for r in rows)
+        first = min(r.first_token_at or started for r in rows)
+        now = time.monotonic()
+        seconds = now - submitted
+        self.metrics.record(rows, [len(c.token_ids) for c in completions], [c.finish_reason for c in completions],
+                            now)
+        if self.collector is not None:
+            self.collector.collect(request_id, request, completions)
+        new_tokens = sum(len(c.token_ids) for c in completions)
+        # One line per request, its fields also as the record's attributes: Application Insights' customDimensions.
+        fields: dict[str, object] = {
+            "request_id": request_id, "engine": self.engine.name, "prompts": len(rows),
+            "prompt_tokens": sum(len(r.prompt) for r in rows), "completion_tokens": new_tokens,
+            "queue_wait_s": round(started - submitted, 3), "ttft_s": round(first - submitted, 3),
+            "seconds": round(seconds, 3), "tokens_per_s": round(new_tokens / seconds if seconds > 0 else 0.0, 1),
+            "batch": max(r.peak_batch for r in rows), "finish_reason": ",".join(c.finish_reason for c in completions),
+        }
+        if self.config.log_prompts:
+            fields["prompt"] = repr(request.conversation or request.prompts)
+        log.info(" ".join(f"{'request' if k == 'request_id' else k}=%s" for k in fields), *fields.values(),
+                 extra=fields)
+
+
+def _screened_prompts(request: ScoringRequest) -> list[str]:
+    """What of a request is screened as its prompt: a conversation's messages as one text, or each prompt."""
+    if request.conversation is not None:
+        return ["\n".join(m.content for m in request.conversation)]
+    assert request.prompts is not None
+    return list(request.prompts)
+
+
+def _withheld(completion: Completion, released: str) -> Completion:
+    """A flagged answer: only the text a stream had released (screened windows) stays; no token ids."""
+    return replace(completion, text=released, token_ids=(), finish_reason="content_filter")
+
+
+def _too_large(size: str, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the request body is {size}; at most {limit} bytes are allowed")
