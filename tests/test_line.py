@@ -98,3 +98,17 @@ def test_rows_waiting_when_the_engine_dies_fail_with_its_error_and_are_not_lost(
     running.fail(RuntimeError("CUDA error"))
     assert all(r.done.is_set() and isinstance(r.error, ModelNotReady) for r in waiting)
     assert line.counts == (0, 0, 0)
+
+
+def test_a_dead_engine_fails_a_queue_of_any_length_without_recursion():
+    """Each failed row used to release the next from inside its own release: one frame per waiting row,
+    a RecursionError on the engine thread before the worker could be replaced."""
+    engine = FakeEngine(Capacity(rows=1))
+    line = Line(engine, max_queue=5000)
+    running, waiting = row(), [row() for _ in range(5000)]
+    line.take([running])
+    line.take(waiting)
+    engine.refuse = ModelNotReady("the engine failed", retry_after=30)
+    running.fail(RuntimeError("CUDA error"))
+    assert all(r.done.is_set() and isinstance(r.error, ModelNotReady) for r in waiting)
+    assert line.counts == (0, 0, 0)

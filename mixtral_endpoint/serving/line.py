@@ -13,13 +13,32 @@ from there: the line's lock is never held while the engine's is taken.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
+import weakref
 from collections.abc import Sequence
 
 from mixtral_endpoint.engines.engine import Engine, Row
 from mixtral_endpoint.protocol.errors import Overloaded, ScoringError
 
+log = logging.getLogger(__name__)
+
 RETRY_AFTER_S = 2
+_lines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> its one line
+_lines_lock = threading.Lock()
+
+
+def line_for(engine: Engine, max_queue: int) -> Line:
+    """The engine's line: one per engine, shared by every load that shares it (a process holds one vLLM
+    engine for all its loads), so no two loads admit against the same cache as if each had it alone."""
+    with _lines_lock:
+        line = _lines.get(engine)
+        if line is None:
+            line = _lines[engine] = Line(engine, max_queue)
+        elif line.max_queue != max_queue:
+            log.warning("this engine's line already lets %d rows wait; a later load's %d is not applied",
+                        line.max_queue, max_queue)
+        return line
 
 
 class Line:
@@ -99,6 +118,16 @@ class Line:
         if ready:
             try:
                 self.engine.submit(ready)
-            except ScoringError as exc:  # the engine died or is closing: the rows cannot run
-                for r in ready:
-                    r.fail(exc)
+            except ScoringError as exc:  # the engine died or is closing: no waiting row can run
+                self._fail_all(ready, exc)
+
+    def _fail_all(self, ready: list[Row], error: ScoringError) -> None:
+        """Fails `ready` and every row still waiting. They leave the line before they fail, so each one's
+        _release finds nothing to hand on: no recursion, whatever the queue's length."""
+        with self._lock:
+            for r in ready:
+                self._reserved -= self._running.pop(r, 0)
+            doomed = [*ready, *self._waiting]
+            self._waiting.clear()
+        for r in doomed:
+            r.fail(error)
