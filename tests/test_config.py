@@ -38,6 +38,7 @@ def test_values_are_parsed_by_type():
     ({"MIXTRAL_DEVICE_MAP": "gpu"}, "MIXTRAL_DEVICE_MAP must be one of auto, cpu; got 'gpu'"),
     ({"MIXTRAL_ENGINE": "vLLM"}, "MIXTRAL_ENGINE must be one of auto, transformers, vllm; got 'vLLM'"),
     ({"MIXTRAL_MAX_QUEUE": "0"}, "MIXTRAL_MAX_QUEUE must be >= 1"),
+    ({"MIXTRAL_MAX_QUEUE": "4097"}, r"MIXTRAL_MAX_QUEUE \(4097\) is above 4096"),
     ({"MIXTRAL_REQUEST_TIMEOUT_S": "0"}, "MIXTRAL_REQUEST_TIMEOUT_S must be a finite number > 0"),
     ({"MIXTRAL_MAX_PROMPTS": "20"}, "could never be queued"),
     ({"MIXTRAL_DEFAULT_MAX_NEW_TOKENS": "4096"}, "above MIXTRAL_MAX_NEW_TOKENS"),

@@ -22,6 +22,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "engine": ("auto", "transformers", "vllm"),
     "kv_cache_dtype": ("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
 }
+# The most rows MIXTRAL_MAX_QUEUE may let wait (16 x the largest batch the deployment files run).
+MAX_QUEUE_LIMIT = 4096
 # vLLM's own engine settings: left at their defaults on our engine, or a start-up error names them.
 VLLM_ONLY = ("gpu_memory_utilization", "tensor_parallel_size", "max_num_batched_tokens", "kv_cache_dtype")
 # Settings also read under the names Azure's catalog container uses (the MIXTRAL_ name wins when both are set).
@@ -89,6 +91,9 @@ class ServerConfig:
             _refuse(f"{_var('max_num_batched_tokens')} ({self.max_num_batched_tokens}) is below "
                     f"{_var('max_batch_size')} ({self.max_batch_size or MAX_NUM_SEQS}): a step decodes a token for "
                     "every row")
+        if self.max_queue > MAX_QUEUE_LIMIT:
+            _refuse(f"{_var('max_queue')} ({self.max_queue}) is above {MAX_QUEUE_LIMIT}: each waiting row holds a "
+                    "caller's thread and its prompt, and a queue that long waits past any request deadline")
         if self.max_prompts > self.max_queue:
             _refuse(f"{_var('max_prompts')} ({self.max_prompts}) is above {_var('max_queue')} ({self.max_queue}): "
                     "such a request could never be queued")
