@@ -37,7 +37,7 @@ def init() -> None:
     config = ServerConfig.from_env(os.environ)
     scorer = load_scorer(Path(os.environ.get("AZUREML_MODEL_DIR", "model")), config)
     # azmlinfsrv's health route cannot report a dead engine: end the worker, and gunicorn starts a fresh one.
-    scorer.engine.on_death = _exit_worker
+    scorer.engine.on_death.append(_exit_worker)
     # The OpenAI / Azure AI Model Inference routes: azmlinfsrv registers its blueprint after init().
     openai_routes.register(routes.main_blueprint, lambda: scorer)
 

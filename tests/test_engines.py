@@ -114,7 +114,7 @@ class DyingLLM:
 def test_a_dead_vllm_engine_fails_every_row_and_refuses_new_ones():
     engine = VllmEngine(DyingLLM, eos_id=2, context_window=512, vocab_size=32000, max_num_seqs=8)
     deaths: list[BaseException] = []
-    engine.on_death = deaths.append
+    engine.on_death.append(deaths.append)
     rows = [Row([1, 2, 3], SamplingSettings(max_new_tokens=4)) for _ in range(3)]
     engine.submit(rows)
     assert all(row.done.wait(30) for row in rows)
@@ -127,7 +127,7 @@ def test_a_dead_transformers_engine_fails_every_row_and_calls_on_death(tiny_chec
     config = ServerConfig.from_env({"MIXTRAL_ENGINE": "transformers", "MIXTRAL_MAX_TOTAL_TOKENS": "512"})
     engine = TransformersEngine.load(checkpoint, config)
     deaths: list[BaseException] = []
-    engine.on_death = deaths.append
+    engine.on_death.append(deaths.append)
     engine._worth_a_prefill = lambda room: 1 / 0  # a bug outside prefill and step
     rows = [Row([1, 2, 3], SamplingSettings(max_new_tokens=200, ignore_eos=True)) for _ in range(2)]
     engine.submit(rows[:1])

@@ -67,7 +67,7 @@ def test_a_fault_that_persists_kills_the_engine(engine: TransformersEngine):
     """Every pass raising (a poisoned device) fails the rows in flight, and the engine dies at once
     instead of answering 500 to every later request."""
     deaths: list[BaseException] = []
-    engine.on_death = deaths.append
+    engine.on_death.append(deaths.append)
     armed = threading.Event()
 
     def broken(forward: Callable[..., object]) -> Callable[..., object]:
@@ -104,7 +104,7 @@ def test_an_error_saying_the_device_is_lost_kills_the_engine_even_if_the_next_pa
         return maybe
 
     deaths: list[BaseException] = []
-    engine.on_death = deaths.append
+    engine.on_death.append(deaths.append)
     patch_forward(engine, once)
     row = Row([1, 2, 3], LONG)
     engine.submit([row])
@@ -221,6 +221,27 @@ def test_a_dead_vllm_engine_is_not_handed_to_the_next_load(checkpoint: Checkpoin
     again = VllmEngine.load(checkpoint, config)
     assert again is not first and again.dead is None
     again.close()
+
+
+def test_loads_sharing_a_vllm_engine_share_one_line_and_each_hears_of_its_death(
+        checkpoint: Checkpoint, tokenizer, monkeypatch: pytest.MonkeyPatch):
+    """Two loads in one process (Spark, an MLflow reload) share vLLM's engine: one line admits against its
+    cache for both, and each load's on_death runs when it dies."""
+    monkeypatch.setattr(vllm_engine, "_shared", {})
+    monkeypatch.setattr(vllm_engine, "_build_llm_engine", lambda args: DyingLLM())
+    config = ServerConfig.from_env({**SERVER_ENV, "MIXTRAL_ENGINE": "vllm"})
+    first, second = (Scorer(VllmEngine.load(checkpoint, config), tokenizer, config) for _ in range(2))
+    assert first.engine is second.engine and first.line is second.line
+    deaths: list[str] = []
+    first.engine.on_death.append(lambda exc: deaths.append("first"))
+    second.engine.on_death.append(lambda exc: deaths.append("second"))
+    row = Row([1, 2, 3], SamplingSettings(max_new_tokens=4))
+    first.line.take([row])
+    assert row.done.wait(30) and row.finish_reason == "error"
+    wait_until(lambda: len(deaths) == 2)
+    assert sorted(deaths) == ["first", "second"]
+    first.close()
+    second.close()
 
 
 def test_a_scorer_let_go_closes_its_engine_and_frees_its_model(tiny_checkpoint: Path):

@@ -130,7 +130,7 @@ class Engine(Protocol):
     context_window: int  # prompt + new tokens of one row, at most
     eos_id: int
     capacity: Capacity
-    on_death: Callable[[BaseException], None] | None  # called on the engine thread if it dies
+    on_death: list[Callable[[BaseException], None]]  # each load's, called on the engine thread if it dies
 
     @property
     def dead(self) -> BaseException | None:
@@ -166,7 +166,7 @@ class EngineThread:
 
     def __init__(self, load: Callable[[], None], *, thread_name: str) -> None:
         """Starts the thread, which calls `load`; returns once it has (raising what it raised)."""
-        self.on_death: Callable[[BaseException], None] | None = None
+        self.on_death: list[Callable[[BaseException], None]] = []  # every load sharing the engine adds its own
         self._inbox: collections.deque[Row] = collections.deque()
         self._wake = threading.Condition()  # guards the inbox and the flags below
         self._closing = False
@@ -230,8 +230,8 @@ class EngineThread:
             log.critical("the %s engine died", self.name, exc_info=exc)
             self._dead = exc
             self._end_all(functools.partial(Row.fail, error=exc))
-            if self.on_death is not None:
-                self.on_death(exc)
+            for on_death in self.on_death:
+                on_death(exc)
         else:
             self._end_all(functools.partial(Row.finish, reason="cancelled"))
         finally:

@@ -42,7 +42,7 @@ from mixtral_endpoint.protocol.request import (
 )
 from mixtral_endpoint.serving.collector import DataCollector
 from mixtral_endpoint.serving.detokenizer import Detokenizer
-from mixtral_endpoint.serving.line import RETRY_AFTER_S, Line
+from mixtral_endpoint.serving.line import RETRY_AFTER_S, Line, line_for
 from mixtral_endpoint.serving.metrics import Metrics
 from mixtral_endpoint.serving.safety import CHUNK_CHARS, STREAM_WINDOW_CHARS, Screen, with_guardrail
 
@@ -74,7 +74,7 @@ class Scorer:
         self.engine = engine
         self.tokenizer = tokenizer
         self.config = config
-        self.line = Line(engine, config.max_queue)
+        self.line = line_for(engine, config.max_queue)
         self.grammars = Grammars(tokenizer)
         self.collector = DataCollector() if config.data_collection else None
         self.screen = None if not config.content_safety_endpoint else Screen(
