@@ -97,6 +97,57 @@ def test_azure_batch_entry_script_returns_one_row_per_line(azureml_models: Path,
     assert by_line[3]["error"]["param"] == "parameters.stream" and by_line[3]["error"]["status"] == 400
 
 
+POISONED_ENTRY = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("batch_score", sys.argv[1])
+entry = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(entry)
+entry.init()
+# A test hook from outside the product: while `poisoned`, every forward pass raises, as a GPU after an
+# "illegal memory access" does until its process ends.
+from transformers.models.mixtral import modeling_mixtral
+classes = [modeling_mixtral.MixtralForCausalLM]
+if entry.scorer.engine.name == "vllm":
+    from vllm.model_executor.models import mixtral
+    classes.append(mixtral.MixtralForCausalLM)
+poisoned = [True]
+def poisonable(forward):
+    def maybe_poisoned(*args, **kwargs):
+        if poisoned[0]:
+            raise RuntimeError("the device is poisoned (a test hook)")
+        return forward(*args, **kwargs)
+    return maybe_poisoned
+for cls in classes:
+    cls.forward = poisonable(cls.forward)
+first = entry.scorer
+try:
+    entry.run(sys.argv[2:])
+    raised = None
+except Exception as exc:
+    raised = type(exc).__name__
+poisoned[0] = False  # the retry runs where the device is healthy again
+rows = entry.run(sys.argv[2:])
+print(json.dumps({"raised": raised, "dead": first.engine.dead is not None, "fresh": entry.scorer is not first,
+                  "rows": rows}))
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_mini_batch_whose_engine_dies_raises_and_its_retry_scores_every_line(
+        azureml_models: Path, tmp_path: Path, engine: str):
+    """Azure ML retries a mini-batch only when run() raises: a dead engine's 503s must not become error rows
+    (they did: run() returned normally with one error row per line). The retry gets a fresh engine."""
+    source = write_jsonl(tmp_path / "in.jsonl", [request(i) for i in range(12)])
+    env = {**os.environ, **SERVER_ENV, "AZUREML_MODEL_DIR": str(azureml_models), "MIXTRAL_ENGINE": engine}
+    done = subprocess.run([sys.executable, "-c", POISONED_ENTRY, str(ROOT / "batch_score.py"), str(source)],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["raised"] is not None and answer["dead"] and answer["fresh"]
+    rows = [json.loads(r) for r in answer["rows"]]
+    assert sorted(r["line"] for r in rows) == list(range(1, 13)) and all("response" in r for r in rows)
+
+
 def run_batch(args: list[str], engine: str) -> subprocess.Popen:
     return subprocess.Popen([str(BIN / "mixtral-endpoint"), "batch", *args, "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

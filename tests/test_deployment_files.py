@@ -87,10 +87,11 @@ def test_the_azure_ml_sdk_loads_every_deployment_file():
     assert batch.output_action == "append_row" and batch.code_configuration.scoring_script == "batch_score.py"
 
 
-def test_batch_deployment_fits_one_model_copy_per_node_and_never_fails_on_a_bad_line():
+def test_batch_deployment_fits_one_model_copy_per_node_and_fails_only_on_what_retries_cannot_mend():
     batch = load("batch-deployment.yml")
     assert batch["max_concurrency_per_instance"] == 1
-    assert batch["error_threshold"] == -1
+    # A bad line is an error row; a mini-batch that fails every retry stops the job, never loses lines quietly.
+    assert batch["error_threshold"] == 0 and batch["retry_settings"]["max_retries"] >= 2
     # The first run() on a node loads the model: its timeout must outlast the load.
     assert batch["retry_settings"]["timeout"] > MIXTRAL_PARAMETERS * 2 / 200e6
     env = batch["environment_variables"]

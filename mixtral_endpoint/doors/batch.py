@@ -2,8 +2,10 @@
 
 Shared by the Azure batch-endpoint entry script (`batch_score.py`) and the local command
 `mixtral-endpoint batch`. A line may carry an `id` next to `input_data` and `parameters`. Lines
-are scored concurrently, so the engine batches them; a bad line becomes an error row and never
-stops the others.
+are scored concurrently, so the engine batches them. A bad line (a 4xx of its own) becomes an error
+row and never stops the others; a failure that is the server's (a dead or stalled engine, any 5xx, a
+line that stays full) raises, so Azure ML retries the mini-batch and the local command stops where a
+rerun resumes: no line that could be scored is written as an error.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mixtral_endpoint.doors import score as score_api
-from mixtral_endpoint.protocol.errors import InvalidRequest, as_scoring_error
+from mixtral_endpoint.protocol.errors import InvalidRequest, ScoringError, as_scoring_error
 from mixtral_endpoint.protocol.request import parse_json
 from mixtral_endpoint.serving.service import Scorer
 
@@ -67,8 +69,15 @@ def score_line(scorer: Scorer, line: Line) -> dict[str, Any]:
         row["response"] = score_api.score_patiently(scorer, payload)
     except Exception as exc:
         error = as_scoring_error(exc, log, f"line {line.number} of {line.file}")
+        if not _the_lines_fault(error):
+            raise error from exc
         row["error"] = {**error.body()["error"], "status": error.status}
     return row
+
+
+def _the_lines_fault(error: ScoringError) -> bool:
+    """A 4xx the line earned (invalid, too long, flagged); not 429, which only says the server was full."""
+    return error.status < 500 and error.status != 429
 
 
 def default_workers(scorer: Scorer) -> int:
@@ -77,16 +86,21 @@ def default_workers(scorer: Scorer) -> int:
 
 
 def score_lines(scorer: Scorer, lines: Iterable[Line], *, workers: int) -> Iterator[dict[str, Any]]:
-    """Result rows in completion order, with at most `workers` lines in flight."""
+    """Result rows in completion order, with at most `workers` lines in flight. The first failure that is
+    not a line's own raises, after the lines not yet started are dropped."""
     with ThreadPoolExecutor(workers, thread_name_prefix="batch") as pool:
         pending: set[Future] = set()
-        for line in lines:
-            if len(pending) >= workers:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                yield from (f.result() for f in done)
-            pending.add(pool.submit(score_line, scorer, line))
-        for future in pending:
-            yield future.result()
+        try:
+            for line in lines:
+                if len(pending) >= workers:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    yield from (f.result() for f in done)
+                pending.add(pool.submit(score_line, scorer, line))
+            for future in pending:
+                yield future.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def done_keys(output: Path) -> set[tuple[str, int]]:
