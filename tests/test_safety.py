@@ -17,7 +17,7 @@ import requests
 
 from mixtral_endpoint.doors import score as score_api
 from mixtral_endpoint.protocol.config import ServerConfig
-from mixtral_endpoint.protocol.errors import ContentFiltered, ModelNotReady
+from mixtral_endpoint.protocol.errors import ContentFiltered, ModelNotReady, Overloaded
 from mixtral_endpoint.protocol.request import Message
 from mixtral_endpoint.serving.safety import GUARDRAIL, STREAM_WINDOW_CHARS, Screen, ScreeningFailed
 from mixtral_endpoint.serving.service import Scorer
@@ -132,6 +132,42 @@ def test_a_flagged_prompts_rows_are_cancelled_and_nothing_of_them_is_answered(co
         assert rows and all(row.done.wait(5) for row in rows)
         assert {row.finish_reason for row in rows} == {"cancelled"}
         assert all(len(row.tokens) < 200 for row in rows)
+
+
+def test_a_request_the_line_refuses_screens_nothing_and_a_patient_retry_screens_once(
+        core: Scorer, fake: FakeContentSafety, monkeypatch: pytest.MonkeyPatch):
+    """Screening follows admission: a 429 sent nothing to Content Safety, and score_patiently (MLflow, batch
+    jobs) retrying a full line screens the prompt once, not once per 50 ms retry."""
+    take, refusals = core.line.take, [3]
+
+    def full_then_free(rows):
+        if refusals[0]:
+            refusals[0] -= 1
+            raise Overloaded("the server is at capacity", retry_after=2)
+        take(rows)
+
+    monkeypatch.setattr(core.line, "take", full_then_free)
+    with pytest.raises(Overloaded):
+        score_api.score(core, chat("hi"))
+    assert fake.calls == []
+    body = score_api.score_patiently(core, chat("hi", max_new_tokens=4))
+    assert refusals == [0] and [c["text"] for c in fake.calls] == ["hi", body["output"]]
+
+
+def test_a_screening_backlog_sheds_new_prompts_with_a_429_even_failing_open(fake: FakeContentSafety):
+    """A flood would otherwise time every verdict out, and fail-open would serve every prompt unscreened."""
+    fake.reset()
+    fake.delay_s = 1.0
+    screen = Screen(fake.url, threshold=2, fail_open=True, key="k", max_backlog=2)
+    try:
+        held = [screen.start_prompt("first"), screen.start_prompt("second")]
+        with pytest.raises(Overloaded) as refused:
+            screen.start_prompt("third")
+        assert refused.value.status == 429 and refused.value.retry_after
+        assert [v.category() for v in held] == [None, None]
+        assert screen.start_prompt("fourth").category() is None  # the backlog drained: taken again
+    finally:
+        screen.close()
 
 
 def test_screening_that_fails_closed_is_a_503_and_open_is_served(scorer: Scorer, fake: FakeContentSafety):

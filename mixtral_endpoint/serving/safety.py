@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Final, TypeAlias
 
-from mixtral_endpoint.protocol.errors import ContentFiltered, ModelNotReady
+from mixtral_endpoint.protocol.errors import ContentFiltered, ModelNotReady, Overloaded
 from mixtral_endpoint.protocol.request import Message
 
 if TYPE_CHECKING:
@@ -45,6 +45,9 @@ GUARDRAIL: Final = ("Always assist with care, respect, and truth. Respond with u
                     "positivity.")
 _RETRY_AFTER_S = 5
 _CONCURRENT_CALLS = 10  # the calls the child makes at once: as many as `requests` keeps connections to a host
+# Calls waiting for an answer at most before a new prompt is refused (429): past it the backlog would outlast a
+# verdict's wait, and with fail-open set every prompt would then be served unscreened.
+MAX_BACKLOG_CALLS = 256
 _START_S = 60  # for a child to import the client and make it
 
 # A chunk's answer from the child: its (category, severity) pairs, or why there are none.
@@ -69,9 +72,10 @@ class Screen:
     """
 
     def __init__(self, endpoint: str, *, threshold: int, fail_open: bool, key: str = "",
-                 timeout_s: float = 10.0) -> None:
+                 timeout_s: float = 10.0, max_backlog: int = MAX_BACKLOG_CALLS) -> None:
         self.threshold = threshold
         self.fail_open = fail_open
+        self.max_backlog = max_backlog
         self._client_args = (endpoint, key, timeout_s)
         self.wait_s = 4 * timeout_s  # two tries of a connect and a read: past it the child is hung
         self._lock = threading.Lock()  # the pipe's sending end, the calls waiting and the child
@@ -86,6 +90,16 @@ class Screen:
         is read when wanted, so the caller can go on meanwhile."""
         return Verdict(self, [self._call(text[start:start + CHUNK_CHARS])
                               for start in range(0, len(text), CHUNK_CHARS)])
+
+    def start_prompt(self, text: str) -> Verdict:
+        """`start` for a prompt, new work: refused with Overloaded (429) while the calls waiting for an answer
+        are at the backlog's bound, so a flood sheds load instead of timing every verdict out."""
+        with self._lock:
+            backlog = len(self._waiting)
+        if backlog + -(-len(text) // CHUNK_CHARS) > self.max_backlog:
+            raise Overloaded(f"content screening has {backlog} calls waiting; retry in {_RETRY_AFTER_S} s",
+                             retry_after=_RETRY_AFTER_S)
+        return self.start(text)
 
     def flagged(self, text: str) -> str | None:
         """The first category over the threshold in any chunk of `text`, or None; raises ScreeningFailed."""

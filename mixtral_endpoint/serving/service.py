@@ -140,16 +140,17 @@ class Scorer:
         return Stream(self._stream(request_id, request, rows[0], texts[0], sink), rows[0], self.line)
 
     def _admit(self, request: ScoringRequest) -> tuple[list[Row], list[Detokenizer], queue.SimpleQueue]:
-        """The request's rows in the line, its prompts screened. The prompts are screened while the engine
-        already works on them (the screening's round trip is not added to the time to first token, nor does
-        it hold a place in the batch empty); nothing of a row reaches the caller before its prompt passed,
-        and a flagged prompt's rows are cancelled."""
-        prompts = self._encode(request)
-        verdicts = [] if self.screen is None else [self.screen.start(text) for text in _screened_prompts(request)]
-        rows, texts, sink = self._submit(request, prompts)
+        """The request's rows in the line, its prompts screened. The prompts are screened once admitted (a
+        request the line refuses sends nothing to screening, so a retry never screens twice) and while the
+        engine already works on them (the round trip is not added to the time to first token, nor does it
+        hold a place in the batch empty); nothing of a row reaches the caller before its prompt passed, and
+        a flagged prompt's rows are cancelled."""
+        rows, texts, sink = self._submit(request, self._encode(request))
         try:
-            for verdict in verdicts:
-                verdict.check_prompt(param="input_data.input_string")
+            if self.screen is not None:
+                verdicts = [self.screen.start_prompt(text) for text in _screened_prompts(request)]
+                for verdict in verdicts:
+                    verdict.check_prompt(param="input_data.input_string")
         except BaseException:
             self.line.cancel(rows)
             raise
