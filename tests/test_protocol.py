@@ -129,6 +129,8 @@ BAD_REQUESTS = [
     (text_request(stop=["a", "b", "c", "d", "e"]), "parameters.stop", "at most 4"),
     (text_request(stop=["a", 3]), "parameters.stop[1]", "must be a string"),
     (text_request(stop=""), "parameters.stop", "must not be empty"),
+    (text_request(stop="x" * 60_000), "parameters.stop", "60000 characters; at most 200"),
+    (text_request(stop=["ok", "y" * 201]), "parameters.stop[1]", "201 characters; at most 200"),
     (text_request(seed=-1), "parameters.seed", ">= 0"),
     (text_request(seed=True), "parameters.seed", "must be an integer"),
     (text_request(do_sample="yes"), "parameters.do_sample", "must be a boolean"),

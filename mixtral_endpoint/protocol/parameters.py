@@ -38,6 +38,7 @@ class Parameter:
     exclusive_minimum: float | None = None
     maximum: float | None = None
     max_items: int | None = None  # a string parameter that also takes a list of at most this many strings
+    max_length: int | None = None  # characters in each of its strings at most
     shape: dict[str, Any] | None = None  # an object parameter's JSON schema
     # "settings": a field of the engine's SamplingSettings; "request": a field of ScoringRequest.
     goes_to: Literal["settings", "request"] = "settings"
@@ -61,7 +62,7 @@ class Parameter:
         if self.shape is not None:
             schema = dict(self.shape)
         elif self.max_items is not None:
-            text = {"type": "string", "minLength": 1}
+            text = {"type": "string", "minLength": 1, **({"maxLength": self.max_length} if self.max_length else {})}
             schema: dict[str, Any] = {"anyOf": [text, {"type": "array", "maxItems": self.max_items, "items": text}]}
         else:
             schema = {"type": [self.type, "null"] if self.default is None else self.type}
@@ -75,6 +76,9 @@ class Parameter:
         return schema
 
 
+# A stream holds back text that could still open a stop string: up to its length less one character. A
+# 60,000-character stop string held a whole answer back to its end; stop strings are words and markers.
+STOP_MAX_CHARS = 200
 _SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
 
 PARAMETERS: Final[tuple[Parameter, ...]] = (
@@ -95,7 +99,7 @@ PARAMETERS: Final[tuple[Parameter, ...]] = (
               exclusive_minimum=0, maximum=10, openai="repetition_penalty"),
     # Stop strings are text; the engine knows only token ids, so the core checks them.
     Parameter("stop", "string", "Generation ends before the first of these strings, which is cut from the text.",
-              (), max_items=4, goes_to="request", openai="stop"),
+              (), max_items=4, max_length=STOP_MAX_CHARS, goes_to="request", openai="stop"),
     Parameter("seed", "integer", "Makes sampling reproducible; unset, each request draws its own.", None,
               minimum=0, maximum=_SEED_MAX, openai="seed"),
     Parameter("ignore_eos", "boolean", "Keep generating past end-of-sequence.", False, openai="ignore_eos"),

@@ -275,6 +275,7 @@ def _invalid(error: ValidationError) -> InvalidRequest:
         "minItems": lambda: f"{field} must not be empty",
         "maxItems": lambda: f"{field} has {len(instance)} items; at most {error.validator_value} are allowed",
         "minLength": lambda: f"{field} must not be empty",
+        "maxLength": lambda: f"{field} is {len(instance)} characters; at most {error.validator_value} are allowed",
     }
     message = messages.get(kind, lambda: f"{field} is not valid ({kind})")()
     return InvalidRequest(message, param=path or None)
