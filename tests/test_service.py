@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import shlex
 from pathlib import Path
 
 import pytest
@@ -133,3 +135,18 @@ def test_max_new_tokens_above_the_server_cap(any_scorer: Scorer):
 
 def test_default_max_new_tokens_comes_from_the_server(any_scorer: Scorer):
     assert score_api.score(any_scorer, text("hi", ignore_eos=True))[0]["usage"]["completion_tokens"] == 16
+
+
+def test_a_request_id_that_would_forge_log_fields_is_quoted_in_the_log_line(scorer: Scorer, caplog):
+    """The id may be the caller's x-request-id: bare, `x finish_reason=forged` read as a field of the line."""
+    forged = "x finish_reason=forged\nrequest=other"
+    with caplog.at_level(logging.INFO, logger="mixtral_endpoint.serving.service"):
+        score_api.score(scorer, text("hi", max_new_tokens=2), request_id=forged)
+        score_api.score(scorer, text("hi", max_new_tokens=2), request_id="plain-id.42")
+    lines = [r.getMessage() for r in caplog.records if "completion_tokens=" in r.getMessage()]
+    fields = [field.split("=", 1) for field in shlex.split(lines[0])]  # as a logfmt reader takes the line
+    assert "\n" not in lines[0] and len({k for k, _ in fields}) == len(fields)
+    assert dict(fields)["request"] == "x finish_reason=forged\\nrequest=other"
+    assert dict(fields)["finish_reason"] == "length"
+    assert lines[1].startswith("request=plain-id.42 engine=")
+    assert caplog.records[-1].request_id == "plain-id.42"  # the record's own attribute keeps the id as it came

@@ -58,7 +58,7 @@ class DataCollector:
         try:
             self._queue.put_nowait((request_id, _inputs(request), [_outputs(c) for c in completions]))
         except queue.Full:
-            log.warning("model data collection is behind; request %s was not collected", request_id)
+            log.warning("model data collection is behind; request %r was not collected", request_id)
 
 
 def _serve(rows: multiprocessing.Queue) -> None:
@@ -83,7 +83,7 @@ def _serve(rows: multiprocessing.Queue) -> None:
             inputs.collect(pd.DataFrame([asked]), context)
             outputs.collect(pd.DataFrame(answered), context)
         except Exception as exc:  # never the request's failure
-            log.warning("model data collection failed for request %s: %s", request_id, exc)
+            log.warning("model data collection failed for request %r: %s", request_id, exc)
 
 
 def _inputs(request: ScoringRequest) -> dict[str, Any]:

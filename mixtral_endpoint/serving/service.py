@@ -11,8 +11,10 @@ per-request log line. Each door parses its own API into a ScoringRequest and ren
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import queue
+import re
 import time
 import weakref
 from collections.abc import Generator, Iterator, Sequence
@@ -49,6 +51,7 @@ from mixtral_endpoint.serving.safety import CHUNK_CHARS, STREAM_WINDOW_CHARS, Sc
 log = logging.getLogger(__name__)
 
 _GRACE_S = 30.0  # past a row's deadline, a wait this much longer means the engine is stuck
+_PLAIN_ID = re.compile(r"[\w.:/+-]{1,200}", re.ASCII)
 _CONTEXT_TOKENS = 8  # prompt tokens decoded before a completion, so its leading space survives
 
 
@@ -214,7 +217,7 @@ class Scorer:
                 try:
                     row, token = sink.get(timeout=max(deadline - time.monotonic(), 0.0))
                 except queue.Empty:
-                    log.error("request %s: the engine stalled", request_id)
+                    log.error("request %s: the engine stalled", _logged(request_id))
                     raise InternalError("generation stalled; the server log has the details") from None
                 if id(row) not in open_rows:
                     continue  # tokens the engine made before it saw our cancel
@@ -223,7 +226,7 @@ class Scorer:
                     if isinstance(row.error, ScoringError):  # the engine died before it took the row
                         raise row.error
                     if row.error is not None:
-                        log.error("request %s: generation failed", request_id, exc_info=row.error)
+                        log.error("request %s: generation failed", _logged(request_id), exc_info=row.error)
                         raise InternalError("generation failed; the server log has the details")
                     if row.finish_reason == "cancelled":
                         raise ModelNotReady("the server is shutting down; retry shortly", retry_after=RETRY_AFTER_S)
@@ -260,7 +263,7 @@ class Scorer:
         except GeneratorExit:  # the caller went away; _follow has cancelled the row
             row.done.wait(timeout=_GRACE_S)
             log.info("request=%s engine=%s cancelled: the caller went away; generation stopped after %d tokens "
-                     "(max_new_tokens %d)", request_id, self.engine.name, len(row.tokens),
+                     "(max_new_tokens %d)", _logged(request_id), self.engine.name, len(row.tokens),
                      request.settings.max_new_tokens)
             self.metrics.record([row], [len(row.tokens)], ["abort"], time.monotonic())
             raise
@@ -306,8 +309,14 @@ class Scorer:
         }
         if self.config.log_prompts:
             fields["prompt"] = repr(request.conversation or request.prompts)
-        log.info(" ".join(f"{'request' if k == 'request_id' else k}=%s" for k in fields), *fields.values(),
-                 extra=fields)
+        shown = {**fields, "request_id": _logged(request_id)}
+        log.info(" ".join(f"{'request' if k == 'request_id' else k}=%s" for k in shown), *shown.values(), extra=fields)
+
+
+def _logged(request_id: str) -> str:
+    """The request id as log lines show it: as it is when plain, else quoted as JSON. It may be the caller's
+    x-request-id, which could otherwise forge a field (`finish_reason=...`) or a whole line."""
+    return request_id if _PLAIN_ID.fullmatch(request_id) else json.dumps(request_id)
 
 
 def _screened_prompts(request: ScoringRequest) -> list[str]:
