@@ -3,6 +3,9 @@ in order otherwise, and past the queue the request is refused whole. Pure logic,
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from mixtral_endpoint.engines.engine import Capacity, Row
@@ -112,3 +115,26 @@ def test_a_dead_engine_fails_a_queue_of_any_length_without_recursion():
     running.fail(RuntimeError("CUDA error"))
     assert all(r.done.is_set() and isinstance(r.error, ModelNotReady) for r in waiting)
     assert line.counts == (0, 0, 0)
+
+
+class SlowToSay(threading.Event):
+    """An Event slow to say whether it is set: widens the window between a check and the set after it."""
+
+    def is_set(self) -> bool:
+        answer = super().is_set()
+        time.sleep(0.05)
+        return answer
+
+
+def test_a_row_ended_by_two_threads_at_once_ends_once():
+    """The engine thread finishing a row while a caller cancels it: its place in the line is given back once."""
+    ended: list[Row] = []
+    r = row()
+    r.done = SlowToSay()
+    r.on_end = ended.append
+    both = [threading.Thread(target=r.finish, args=("length",)), threading.Thread(target=r.fail, args=(OSError(),))]
+    for t in both:
+        t.start()
+    for t in both:
+        t.join()
+    assert ended == [r] and (r.finish_reason, r.error is None) in (("length", True), ("error", False))

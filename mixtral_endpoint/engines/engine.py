@@ -61,6 +61,7 @@ class Row:
     last_token_at: float | None = None
     peak_batch: int = 0  # the most rows this one was generated together with (itself included)
     done: threading.Event = field(default_factory=threading.Event)
+    _ending: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def cancel(self) -> None:
         """Stops the row at the engine's next step; a no-op once it has ended."""
@@ -79,19 +80,23 @@ class Row:
             self.sink.put((self, token))
 
     def finish(self, reason: str) -> None:
-        if self.done.is_set():
-            return
-        self.finish_reason = reason
-        self.done.set()
+        self._end(reason, None)
+
+    def fail(self, error: BaseException) -> None:
+        self._end("error", error)
+
+    def _end(self, reason: str, error: BaseException | None) -> None:
+        """Ends the row once, whichever threads race to end it (the engine's, a caller cancelling, a close)."""
+        with self._ending:
+            if self.done.is_set():
+                return
+            self.error = error
+            self.finish_reason = reason
+            self.done.set()
         if self.on_end is not None:
             self.on_end(self)
         if self.sink is not None:
             self.sink.put((self, None))
-
-    def fail(self, error: BaseException) -> None:
-        if not self.done.is_set():
-            self.error = error
-            self.finish("error")
 
     @property
     def generation(self) -> Generation:
