@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
 import torch
+import xgrammar
 from transformers import GenerationConfig, MixtralForCausalLM
 
 from mixtral_endpoint.engines.engine import Row
@@ -152,3 +154,21 @@ def test_deadline_ends_a_row_with_time_limit(stepper: Stepper, prompts: list[lis
     row = Row(prompts[0], replace(GREEDY, max_new_tokens=50), deadline=0.0)
     assert stepper.prefill([row]) is None
     assert row.finish_reason == "time_limit" and len(row.tokens) == 1
+
+
+def test_a_token_the_grammar_refuses_never_reaches_the_caller(stepper: Stepper, scorer, prompts, monkeypatch):
+    """Should a matcher refuse what its own mask allowed, the row fails without that token emitted."""
+    from mixtral_endpoint.engines.transformers import stepper as stepper_module
+    from mixtral_endpoint.protocol.constraints import Constraint
+
+    class Refusing(xgrammar.GrammarMatcher):
+        def accept_token(self, token_id: int, *, debug_print: bool = False) -> bool:
+            return False
+
+    monkeypatch.setattr(stepper_module.xgrammar, "GrammarMatcher", Refusing)
+    constraint = Constraint("regex", "[a-z]+")
+    sink: queue.SimpleQueue = queue.SimpleQueue()
+    row = Row(prompts[0], replace(GREEDY, constraint=constraint), sink=sink,
+              grammar=scorer.grammars.compile(constraint))
+    assert stepper.prefill([row]) is None
+    assert row.finish_reason == "error" and row.tokens == [] and sink.get_nowait() == (row, None)

@@ -131,10 +131,10 @@ class Stepper:
         now = time.monotonic()
         keep = []
         for i, (row, token) in enumerate(zip(rows, chosen, strict=True)):
-            row.emit(token, now, len(rows))
-            if row.matcher is not None and not row.matcher.accept_token(token):
+            if row.matcher is not None and not row.matcher.accept_token(token):  # before the caller sees it
                 row.fail(InternalError(f"the grammar refused token {token}, which its own mask allowed"))
                 continue
+            row.emit(token, now, len(rows))
             reason = self._finish_reason(row, token, now)
             if reason is None:
                 keep.append(i)
