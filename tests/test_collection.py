@@ -102,3 +102,13 @@ def test_a_failing_or_hanging_collector_never_fails_or_slows_a_request(scorer: S
     while (not calls.exists() or calls.read_text().count("model_inputs") < 3) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert calls.read_text().count("model_inputs") == 3  # each request reached it, one failure after another
+
+
+def test_the_collecting_process_ends_with_the_scorer(scorer: Scorer, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("AZUREML_MDC_ENABLED", "true")
+    monkeypatch.setenv("AZUREML_MDC_WORKER_DISABLED", "true")
+    core = Scorer(scorer.engine, scorer.tokenizer, ServerConfig.from_env(SERVER_ENV))
+    core._close.detach()  # the session's engine stays open
+    assert core.collector is not None and core.collector.enabled and core.collector._process.is_alive()
+    core.close()
+    assert core.collector._process.exitcode == 0

@@ -13,6 +13,7 @@ more than the 5% it may), and its failures and delays are logged and never fail 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -49,7 +50,9 @@ class DataCollector:
         log.info("model data collection is on: %s and %s, sent from a child process", INPUTS, OUTPUTS)
         context = multiprocessing.get_context("spawn")  # never fork a process that holds an engine
         self._queue = context.Queue(_QUEUE_ROWS)
-        context.Process(target=_serve, args=(self._queue,), name="mixtral-data-collection", daemon=True).start()
+        self._process = context.Process(target=_serve, args=(self._queue,), name="mixtral-data-collection",
+                                        daemon=True)
+        self._process.start()
 
     def collect(self, request_id: str, request: ScoringRequest, completions: Sequence[Completion]) -> None:
         """Queues the request's rows for collection; never raises, never waits."""
@@ -59,6 +62,17 @@ class DataCollector:
             self._queue.put_nowait((request_id, _inputs(request), [_outputs(c) for c in completions]))
         except queue.Full:
             log.warning("model data collection is behind; request %r was not collected", request_id)
+
+
+    def close(self) -> None:
+        """Ends the child once it has handed what is queued to the SDK (it ends with the server anyway: a daemon)."""
+        if not self.enabled or not self._process.is_alive():
+            return
+        with contextlib.suppress(ValueError, OSError):  # the queue already closed
+            self._queue.put(None, timeout=1)
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.kill()
 
 
 def _serve(rows: multiprocessing.Queue) -> None:
@@ -75,9 +89,12 @@ def _serve(rows: multiprocessing.Queue) -> None:
     inputs, outputs = Collector(name=INPUTS, on_error=dropped), Collector(name=OUTPUTS, on_error=dropped)
     while True:
         try:
-            request_id, asked, answered = rows.get()
+            item = rows.get()
         except (EOFError, OSError):  # the server process has ended
             return
+        if item is None:  # the scorer closed
+            return
+        request_id, asked, answered = item
         try:
             context = BasicCorrelationContext(id=request_id)
             inputs.collect(pd.DataFrame([asked]), context)
