@@ -105,7 +105,7 @@ def test_openai_names_are_unique():
 
 def _readme_kind(p: Parameter) -> str:
     if p.max_items is not None:
-        return f"string or up to {p.max_items} strings"
+        return f"string or up to {p.max_items} strings" + (f" of {p.max_length} characters at most" if p.max_length else "")
     shown = {2**63 - 1: "2^63-1"}
     low, strict = (p.exclusive_minimum, True) if p.exclusive_minimum is not None else (p.minimum, False)
     if p.maximum is not None:
@@ -115,11 +115,20 @@ def _readme_kind(p: Parameter) -> str:
 
 
 def _readme_default(p: Parameter) -> str:
-    if p.server_decides_default:
-        return f"`MIXTRAL_DEFAULT_MAX_NEW_TOKENS` ({ServerConfig().limits.default_max_new_tokens})"
+    if p.server_decides_default:  # the setting that decides, and what it decides when left unset
+        config = ServerConfig()
+        value = config.limits.default_max_new_tokens if p.name == "max_new_tokens" else json.dumps(
+            getattr(config, p.server_setting))
+        return f"`MIXTRAL_{p.server_setting.upper()}` ({value})"
     if p.default in (None, ()):
         return "none"
     return json.dumps(p.default)
+
+
+def test_every_default_the_server_decides_names_the_setting_that_does():
+    config_fields = {f.name for f in dataclasses.fields(ServerConfig)}
+    for p in PARAMETERS:
+        assert (p.server_setting in config_fields) == p.server_decides_default, p.name
 
 
 def test_readme_parameter_table_is_the_table():

@@ -43,6 +43,7 @@ class Parameter:
     # "settings": a field of the engine's SamplingSettings; "request": a field of ScoringRequest.
     goes_to: Literal["settings", "request"] = "settings"
     openai: str | None = None  # its name on the OpenAI routes; None: not offered there
+    server_setting: str | None = None  # with SERVER_DEFAULT: the ServerConfig field that decides the default
 
     @property
     def server_decides_default(self) -> bool:
@@ -90,7 +91,8 @@ PARAMETERS: Final[tuple[Parameter, ...]] = (
     Parameter("do_sample", "boolean", "Sample instead of greedy decoding (greedy also when temperature is 0).", False),
     Parameter("max_new_tokens", "integer",
               "New tokens at most. Default: the server's `MIXTRAL_DEFAULT_MAX_NEW_TOKENS`; "
-              "capped by its `MIXTRAL_MAX_NEW_TOKENS`.", SERVER_DEFAULT, minimum=1, openai="max_tokens"),
+              "capped by its `MIXTRAL_MAX_NEW_TOKENS`.", SERVER_DEFAULT, minimum=1, openai="max_tokens",
+              server_setting="default_max_new_tokens"),
     Parameter("return_full_text", "boolean",
               "Conversation: add `messages`, the conversation with the reply appended; "
               "text: prompt + completion.", False, goes_to="request"),
@@ -113,7 +115,7 @@ PARAMETERS: Final[tuple[Parameter, ...]] = (
               openai="response_format"),
     Parameter("safe_prompt", "boolean", "Put Mistral's guardrail prompt before the conversation, as its system "
               "message. Default: the server's `MIXTRAL_SAFE_PROMPT`. Conversations only.", SERVER_DEFAULT,
-              goes_to="request", openai="safe_prompt"),
+              goes_to="request", openai="safe_prompt", server_setting="safe_prompt"),
     Parameter("stream", "boolean", "Answer with server-sent events: text chunks, then one event with "
               "`finish_reason` and `usage`. One conversation or one prompt; /score only.", False,
               goes_to="request", openai="stream"),
