@@ -10,10 +10,19 @@ import xgrammar
 from xgrammar.testing import _is_grammar_accept_string as accepts
 
 from mixtral_endpoint.doors.openai import protocol as openai_protocol
-from mixtral_endpoint.protocol.constraints import _DROPPED_KEYWORDS, Constraint, check_schema
+from mixtral_endpoint.protocol.constraints import (
+    _DROPPED_KEYWORDS,
+    MAX_CHOICE_CHARS,
+    MAX_CHOICES,
+    MAX_REGEX_CHARS,
+    MAX_SCHEMA_BYTES,
+    MAX_SCHEMA_DEPTH,
+    Constraint,
+    check_schema,
+)
 from mixtral_endpoint.protocol.errors import InvalidRequest
 from mixtral_endpoint.protocol.request import Completion, RequestLimits
-from mixtral_endpoint.protocol.tools import RESULTS_HEADER, parse_tool_use, read_calls
+from mixtral_endpoint.protocol.tools import MAX_TOOLS, RESULTS_HEADER, parse_tool_use, read_calls
 
 LIMITS = RequestLimits(max_new_tokens=64, default_max_new_tokens=16, max_prompts=4)
 WEATHER = {"type": "function", "function": {
@@ -172,3 +181,72 @@ def test_schemas_openai_describes_response_format_and_tool_call_answers():
         {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [
             {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
             {"role": "tool", "tool_call_id": "c", "content": "sunny"}], "tools": [WEATHER], "tool_choice": "auto"})
+
+
+def nested(levels: int, leaf: dict | None = None) -> dict:
+    """An object schema `levels` objects deep, each property required: {"a": {"a": ... leaf}}."""
+    schema = leaf or {"type": "string", "maxLength": 3}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+def items_deep(depth: int) -> dict:
+    """A schema nested exactly `depth` objects and arrays deep, through `items` (jsonschema's costliest level)."""
+    schema: dict = {"const": "x"}
+    for _ in range(depth - 1):
+        schema = {"type": "array", "items": schema, "maxItems": 1}
+    return schema
+
+
+def tool(name: str, parameters: dict) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": parameters}}
+
+
+@pytest.mark.parametrize(("body", "param", "limit"), [
+    ({"response_format": {"type": "regex", "regex": "a" * (MAX_REGEX_CHARS + 1)}}, "response_format.regex",
+     MAX_REGEX_CHARS),
+    ({"response_format": {"type": "choice", "choice": [str(i) for i in range(MAX_CHOICES + 1)]}},
+     "response_format.choice", MAX_CHOICES),
+    ({"response_format": {"type": "choice", "choice": ["ok", "😀" * (MAX_CHOICE_CHARS + 1)]}},
+     "response_format.choice[1]", MAX_CHOICE_CHARS),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": nested(200)}}},
+     "response_format.json_schema.schema", MAX_SCHEMA_DEPTH),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": items_deep(
+        MAX_SCHEMA_DEPTH + 1)}}}, "response_format.json_schema.schema", MAX_SCHEMA_DEPTH),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "enum": ["x" * MAX_SCHEMA_BYTES]}}}}, "response_format.json_schema.schema", MAX_SCHEMA_BYTES),
+    ({"tools": [tool("deep", nested(200))]}, "tools[0].function.parameters", MAX_SCHEMA_DEPTH),
+    ({"tools": [tool(f"f{i}", {"type": "object"}) for i in range(MAX_TOOLS + 1)]}, "tools", MAX_TOOLS),
+    ({"tools": [tool(f"f{i}", {"enum": ["x" * (MAX_SCHEMA_BYTES // 4)]}) for i in range(5)]}, "tools",
+     MAX_SCHEMA_BYTES),
+])
+def test_what_one_constraint_may_hold_is_bounded_by_a_400_naming_field_and_limit(body, param, limit):
+    """Deep, huge or many: refused before jsonschema or the grammar compiler sees it (a schema 200 deep
+    was a RecursionError, a 500)."""
+    with pytest.raises(InvalidRequest) as caught:
+        chat(**body)
+    assert caught.value.param == param and str(limit) in caught.value.message, caught.value.message
+
+
+def test_a_lone_surrogate_in_a_choice_or_regex_is_a_400():
+    """No UTF-8 text holds one, so no answer could match it."""
+    for response_format, param in [({"type": "choice", "choice": ["a", "\ud83d"]}, "response_format.choice[1]"),
+                                   ({"type": "regex", "regex": "x\udc00"}, "response_format.regex")]:
+        with pytest.raises(InvalidRequest) as caught:
+            chat(response_format=response_format)
+        assert caught.value.param == param and "surrogate" in caught.value.message
+
+
+def test_a_schema_at_the_depth_limit_is_checked_with_the_stack_a_server_thread_has_used():
+    """jsonschema recurses about ten frames a level; the limit leaves room for the server's own frames."""
+    def from_deep_stack(frames: int) -> None:
+        if frames:
+            return from_deep_stack(frames - 1)
+        check_schema(items_deep(MAX_SCHEMA_DEPTH), "s")
+        check_schema(nested(MAX_SCHEMA_DEPTH // 2 - 1), "s")  # the deepest nesting of objects the limit allows
+        check_schema({"type": "object", "properties": {"p": items_deep(MAX_SCHEMA_DEPTH - 2)}}, "s")
+
+    from_deep_stack(300)
+    with pytest.raises(InvalidRequest):
+        check_schema(nested(MAX_SCHEMA_DEPTH // 2), "s")

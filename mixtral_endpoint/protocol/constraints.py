@@ -4,7 +4,8 @@
 `regex` and `choice`); tool calling builds one from the tools. A Constraint is a frozen value the engine
 settings carry; grammar.py compiles it. Schemas are checked here, before any engine sees them: a schema
 that is not one, or that uses a keyword the grammar compiler (xgrammar 0.2.8) would silently drop, is a
-400 naming the field and the keyword, so every answer that completes validates against its schema.
+400 naming the field and the keyword, so every answer that completes validates against its schema. What one
+constraint may hold is bounded (the MAX_ constants below), each bound a 400 naming the field and the limit.
 
 Pure: no torch, xgrammar, azureml or mlflow.
 """
@@ -12,6 +13,7 @@ Pure: no torch, xgrammar, azureml or mlflow.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -40,6 +42,18 @@ RESPONSE_FORMAT_SCHEMA: Final[dict[str, Any]] = {
         "choice": {"type": "array", "minItems": 1, "items": _TEXT},
     },
 }
+# What one constraint may hold: its grammar's compile time and memory grow with each. Measured with xgrammar
+# 0.2.8 on the v1 vocabulary: 256 choices of 256 characters compile to 13 MB in 0.3 s.
+MAX_REGEX_CHARS: Final = 1024
+MAX_CHOICES: Final = 256
+MAX_CHOICE_CHARS: Final = 256
+# Objects and arrays nested in one another. jsonschema checks a schema recursively, ~10 frames a level: 32
+# levels leave most of Python's 1000 to the server's own stack. OpenAI allows 10 levels of objects (~20 here).
+MAX_SCHEMA_DEPTH: Final = 32
+MAX_SCHEMA_BYTES: Final = 32_768  # as compact UTF-8 JSON; the tools of a request count together
+# A lone surrogate (JSON's "\ud800" alone) is no character of any UTF-8 text: no answer could match it.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
 # Keywords xgrammar 0.2.8 compiles as if they were absent (checked by tests/test_constraints.py), so an
 # answer would not validate: refused rather than ignored.
 _DROPPED_KEYWORDS: Final = ("not", "if", "then", "else", "dependentSchemas")
@@ -76,12 +90,36 @@ def from_response_format(response_format: dict[str, Any], param: str) -> Constra
         check_schema(schema, f"{param}.json_schema.schema")
         return Constraint.json_schema(schema, param=f"{param}.json_schema.schema")
     if kind == "regex":
-        return Constraint("regex", response_format["regex"], param=f"{param}.regex")
-    return Constraint.choice(response_format["choice"], param=f"{param}.choice")
+        regex = response_format["regex"]
+        _check_text(regex, f"{param}.regex", MAX_REGEX_CHARS)
+        return Constraint("regex", regex, param=f"{param}.regex")
+    choices = response_format["choice"]
+    if len(choices) > MAX_CHOICES:
+        raise InvalidRequest(f"{param}.choice has {len(choices)} choices; at most {MAX_CHOICES} are allowed",
+                             param=f"{param}.choice")
+    for i, choice in enumerate(choices):
+        _check_text(choice, f"{param}.choice[{i}]", MAX_CHOICE_CHARS)
+    return Constraint.choice(choices, param=f"{param}.choice")
+
+
+def _check_text(text: str, param: str, limit: int) -> None:
+    if len(text) > limit:
+        raise InvalidRequest(f"{param} is {len(text)} characters; at most {limit} are allowed", param=param)
+    if (lone := _LONE_SURROGATE.search(text)) is not None:
+        raise InvalidRequest(f"{param} holds a lone surrogate (U+{ord(lone.group()):04X}), which no text can hold",
+                             param=param)
+
+
+def schema_bytes(schema: Any) -> int:
+    """The schema's size as compact UTF-8 JSON, what MAX_SCHEMA_BYTES bounds."""
+    return len(json.dumps(schema, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass"))
 
 
 def check_schema(schema: Any, param: str) -> None:
     """Raises InvalidRequest, naming `param` and the keyword, for a schema no grammar can hold answers to."""
+    _check_depth(schema, param)  # first: what follows recurses, one level (jsonschema's: ~10 frames) at a time
+    if (size := schema_bytes(schema)) > MAX_SCHEMA_BYTES:
+        raise InvalidRequest(f"{param} is {size} bytes as JSON; at most {MAX_SCHEMA_BYTES} are allowed", param=param)
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as exc:
@@ -95,6 +133,17 @@ def check_schema(schema: Any, param: str) -> None:
                              f"supported are type, properties, required, items, prefixItems, enum, const, anyOf, "
                              f"oneOf, $ref, $defs, minimum/maximum, minLength/maxLength, pattern, format and "
                              f"minItems/maxItems", param=param + where)
+
+
+def _check_depth(schema: Any, param: str) -> None:
+    stack = [(schema, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > MAX_SCHEMA_DEPTH:
+                raise InvalidRequest(f"{param} nests objects and arrays more than {MAX_SCHEMA_DEPTH} deep; at most "
+                                     f"{MAX_SCHEMA_DEPTH} levels are allowed", param=param)
+            stack.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
 
 
 def _dropped_keyword(schema: Any, where: str) -> tuple[str, str] | None:

@@ -17,12 +17,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Final
 
-from mixtral_endpoint.protocol.constraints import Constraint, check_schema
+from mixtral_endpoint.protocol.constraints import MAX_SCHEMA_BYTES, Constraint, check_schema, schema_bytes
 from mixtral_endpoint.protocol.errors import InvalidRequest
 
 RESULTS_HEADER: Final = "Function results:"
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _NO_ARGUMENTS: Final[dict[str, Any]] = {"type": "object", "properties": {}}
+MAX_TOOLS: Final = 128  # OpenAI's limit; all of them become one grammar
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,13 @@ def parse_tool_use(body: dict[str, Any]) -> ToolUse | None:
         raise InvalidRequest("parallel_tool_calls must be a boolean", param="parallel_tool_calls")
     if tools is not None and not isinstance(tools, list):
         raise InvalidRequest("tools must be a list of {\"type\": \"function\", \"function\": {...}}", param="tools")
+    if tools is not None and len(tools) > MAX_TOOLS:
+        raise InvalidRequest(f"tools has {len(tools)} tools; at most {MAX_TOOLS} are allowed", param="tools")
     offered = tuple(_tool(t, i) for i, t in enumerate(tools or []))
+    size = sum(schema_bytes(t.parameters) for t in offered)
+    if size > MAX_SCHEMA_BYTES:
+        raise InvalidRequest(f"the tools' parameters are {size} bytes as JSON together; at most {MAX_SCHEMA_BYTES} "
+                             "are allowed", param="tools")
     names = [t.name for t in offered]
     for i, name in enumerate(names):
         if name in names[:i]:
