@@ -3,10 +3,18 @@ own parser, and counts that equal what the responses reported."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+
+from mixtral_endpoint.engines.engine import Capacity, Row
+from mixtral_endpoint.protocol.sampling import SamplingSettings
+from mixtral_endpoint.serving.line import Line
+from mixtral_endpoint.serving.metrics import Metrics
+
+from .test_line import FakeEngine
 
 PROMPTS = ["Once upon a time", "The capital of France is", "In 1969, the first", "Mixture of experts models",
            "def fibonacci(n):", "Dear hiring manager,"]
@@ -57,3 +65,25 @@ def test_metrics_count_what_the_responses_reported(any_server):
     assert grew("vllm:request_generation_tokens_bucket", le="5.0") == 2  # 4 and 5 tokens; vLLM's 1-2-5 buckets
     assert value(after, "vllm:num_requests_running") == value(after, "vllm:num_requests_waiting") == 0
     assert value(after, "vllm:kv_cache_usage_perc") == 0
+
+
+def test_the_gauges_follow_the_line_while_it_is_busy_and_every_finish_reason_is_counted():
+    """On a line that holds rows (the live test reads the gauges only idle, and only `length`)."""
+    engine = FakeEngine(Capacity(rows=2, kv_tokens=128, block_tokens=16))
+    line = Line(engine, max_queue=4)
+    metrics = Metrics(line, model_name=LABELS["model_name"], max_model_len=512)
+    rows = [Row([1] * 10, SamplingSettings(max_new_tokens=22)) for _ in range(3)]  # 32 tokens each: 2 blocks
+    line.take(rows)
+    samples = exposed(metrics)
+    assert value(samples, "vllm:num_requests_running") == 2 and value(samples, "vllm:num_requests_waiting") == 1
+    assert value(samples, "vllm:kv_cache_usage_perc") == 64 / 128
+    reasons = ["stop", "length", "abort", "time_limit", "content_filter"]
+    for reason in reasons:
+        metrics.record(rows[:1], [3], [reason], time.monotonic())
+    samples = exposed(metrics)
+    assert all(value(samples, "vllm:request_success_total", finished_reason=r) == 1 for r in reasons)
+
+
+def exposed(metrics: Metrics) -> dict[tuple[str, tuple], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(metrics.exposition().decode()) for s in family.samples}
