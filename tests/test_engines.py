@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -71,18 +74,24 @@ def test_vllm_greedy_tokens_equal_transformers_generate(vllm_scorer: Scorer, ref
 @pytest.mark.parametrize("parameters", [{"do_sample": True, "temperature": 0.8, "top_p": 0.9, "seed": 5},
                                         {"do_sample": True, "temperature": 1.2, "top_k": 30, "seed": 6,
                                          "repetition_penalty": 1.2}])
-def test_a_seeded_request_gives_the_same_sample_alone_and_in_a_crowd(any_scorer: Scorer, parameters: dict):
+def test_a_seeded_request_gives_the_same_sample_alone_and_in_a_crowd(any_scorer: Scorer, parameters: dict, caplog):
     seeded = text("Once upon a time", max_new_tokens=20, **parameters)
     alone = score_api.score(any_scorer, seeded)
-    crowd = [text(f"neighbour {i}", max_new_tokens=30, do_sample=True) for i in range(5)]
+    crowd = [text(f"neighbour {i}", max_new_tokens=60, do_sample=True, ignore_eos=True) for i in range(5)]
     answers: list[object] = []
     threads = [threading.Thread(target=lambda p=p: answers.append(score_api.score(any_scorer, p))) for p in crowd]
     for thread in threads:
         thread.start()
-    assert score_api.score(any_scorer, seeded) == alone
+    deadline = time.monotonic() + 60
+    while any_scorer.line.counts[0] < len(crowd) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    with caplog.at_level(logging.INFO, logger="mixtral_endpoint.serving.service"):
+        assert score_api.score(any_scorer, seeded, request_id="seeded-in-a-crowd") == alone
     for thread in threads:
         thread.join(timeout=120)
     assert len(answers) == len(crowd)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request=seeded-in-a-crowd ")]
+    assert int(re.search(r" batch=(\d+)", line).group(1)) > 1  # it did share its batch
 
 
 def test_a_row_the_vllm_engine_refuses_fails_alone(vllm_scorer: Scorer):

@@ -138,3 +138,16 @@ def test_a_row_ended_by_two_threads_at_once_ends_once():
     for t in both:
         t.join()
     assert ended == [r] and (r.finish_reason, r.error is None) in (("length", True), ("error", False))
+
+
+def test_a_row_waiting_past_its_deadline_ends_time_limit_without_a_place_freeing():
+    engine = FakeEngine(Capacity(rows=1))
+    line = Line(engine, max_queue=2)
+    running, waiting = row(), Row([1] * 10, SamplingSettings(max_new_tokens=10), deadline=time.monotonic() + 0.05)
+    line.take([running, waiting])
+    line.expire([running, waiting], time.monotonic())
+    assert not waiting.done.is_set()  # not yet past its deadline
+    time.sleep(0.06)
+    line.expire([running, waiting], time.monotonic())
+    assert waiting.finish_reason == "time_limit" and not running.done.is_set() and line.counts[:2] == (1, 0)
+    assert waiting not in engine.taken

@@ -105,7 +105,8 @@ def test_openai_names_are_unique():
 
 def _readme_kind(p: Parameter) -> str:
     if p.max_items is not None:
-        return f"string or up to {p.max_items} strings" + (f" of {p.max_length} characters at most" if p.max_length else "")
+        longest = f" of {p.max_length} characters at most" if p.max_length else ""
+        return f"string or up to {p.max_items} strings{longest}"
     shown = {2**63 - 1: "2^63-1"}
     low, strict = (p.exclusive_minimum, True) if p.exclusive_minimum is not None else (p.minimum, False)
     if p.maximum is not None:

@@ -88,6 +88,14 @@ class Line:
             if waiting:
                 row.finish("cancelled")  # _release takes it out of the queue
 
+    def expire(self, rows: Sequence[Row], now: float) -> None:
+        """Ends with "time_limit" those of `rows` still waiting here past their deadline: the engine ends its
+        own rows at theirs, but a row that never got a place would otherwise hold its caller until one frees."""
+        with self._lock:
+            expired = [row for row in rows if row.expired(now) and row in self._waiting]
+        for row in expired:
+            row.finish("time_limit")  # _release takes it out of the queue
+
     def _fitting(self, rows: Sequence[Row]) -> int:
         """How many of `rows`, in order, the engine can take now."""
         count, reserved = len(self._running), self._reserved
