@@ -1,7 +1,7 @@
 """Azure ML entry script, served by azmlinfsrv: init() loads model/ once, run() is a thin door.
 
-The /score API (parsing, rendering, server-sent events) lives in mixtral_endpoint/score_api.py, which
-the MLflow and batch doors share, and generation in the core (service.py) under every door.
+The /score API (parsing, rendering, server-sent events) lives in mixtral_endpoint/doors/score.py, which
+the MLflow and batch doors share, and generation in the core (serving/service.py) under every door.
 """
 
 import logging

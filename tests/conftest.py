@@ -1,5 +1,8 @@
 """Shared fixtures: one tiny checkpoint, one MLflow model, and one scorer and one live azmlinfsrv per engine
-and test session (vLLM's engine takes 10 to 35 s to start here)."""
+and test session (vLLM's engine takes 10 to 35 s to start here); and the tiers every test is marked with
+(docs/testing.md): `pure` needs no model, `model` runs the tiny model in this process, `e2e` goes through a
+door's real runtime (azmlinfsrv, mlflow, Spark, the batch entry and command); `vllm` marks every test that
+runs vLLM, `transformers` every other test that runs a model."""
 
 from __future__ import annotations
 
@@ -145,3 +148,28 @@ def mixtral_fp8(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     return write_header_only_checkpoint(tmp_path_factory.mktemp("mixtral-fp8") / "Mixtral-8x7B-FP8",
                                         MIXTRAL_FP8_CONFIG, shards=10, tensors=fp8_tensors(MIXTRAL_FP8_CONFIG))
+
+
+# Fixtures that bring up a door's real runtime, or the model packaged for one; and those that run a model
+# (any_scorer asks for its engine's scorer only when run, so it is named here itself).
+_E2E_FIXTURES = {"server", "vllm_server", "any_server", "azureml_models"}
+_MODEL_FIXTURES = {"tiny_checkpoint", "any_scorer"}
+_VLLM_FIXTURES = {"vllm_scorer", "vllm_server"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks each test with its tier, read off the fixtures it needs (closure included) and its parameters."""
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in ("pure", "model", "e2e")):
+            continue  # marked by hand: it runs a model or a process no fixture names
+        needs = set(getattr(item, "fixturenames", ()))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if needs & _E2E_FIXTURES:
+            item.add_marker(pytest.mark.e2e)
+        elif needs & _MODEL_FIXTURES:
+            item.add_marker(pytest.mark.model)
+        else:
+            item.add_marker(pytest.mark.pure)
+            continue
+        runs_vllm = needs & _VLLM_FIXTURES or "vllm" in params.values()
+        item.add_marker(pytest.mark.vllm if runs_vllm else pytest.mark.transformers)

@@ -171,7 +171,7 @@ def test_schemas_openai_describes_response_format_and_tool_call_answers():
     from mixtral_endpoint.protocol.request import load_schema
 
     openai = load_schema("openai")
-    assert openai["$defs"]["response_format"] == RESPONSE_FORMAT_SCHEMA  # one fact: constraints.py's
+    assert openai["$defs"]["response_format"] == RESPONSE_FORMAT_SCHEMA  # one fact: protocol/constraints.py's
     parsed = chat(tools=[WEATHER], tool_choice="required")
     text = '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'
     completion = Completion(text=text, prompt_token_ids=(1,), token_ids=(5, 2), finish_reason="stop")

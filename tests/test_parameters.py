@@ -1,4 +1,4 @@
-"""One table of request parameters: the schema, swagger, MLflow signature, settings and README follow it."""
+"""One table of request parameters: the schema, swagger, MLflow signature, settings and docs/api.md follow it."""
 
 from __future__ import annotations
 
@@ -134,6 +134,6 @@ def test_every_default_the_server_decides_names_the_setting_that_does():
 
 def test_readme_parameter_table_is_the_table():
     rows = [f"| `{p.name}` | {_readme_kind(p)} | {_readme_default(p)} | {p.description} |" for p in PARAMETERS]
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "api.md").read_text()
     missing = [row for row in rows if row not in readme]
-    assert not missing, "README rows to write:\n" + "\n".join(missing)
+    assert not missing, "docs/api.md rows to write:\n" + "\n".join(missing)

@@ -29,6 +29,9 @@ WIDE = {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 1, "
 PROMPTS = torch.tensor([[1, 851, 2215, 302, 5611], [1, 1014, 5565, 28723, 349]])
 
 
+pytestmark = [pytest.mark.model, pytest.mark.transformers]  # a small Mixtral of its own, prepacked and run
+
+
 @pytest.fixture(scope="module")
 def wide() -> MixtralForCausalLM:
     torch.manual_seed(0)

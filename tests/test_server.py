@@ -140,6 +140,7 @@ def test_one_log_line_per_request_without_the_prompt(server: str, server_log: Pa
     assert SECRET not in server_log.read_text()
 
 
+@pytest.mark.e2e  # a real azmlinfsrv, with no model
 def test_init_fails_fast_when_the_model_folder_is_missing(tmp_path: Path):
     """No model: the worker does not boot and the server exits rather than answering with garbage."""
     server = LocalServer(tmp_path / "missing", tmp_path / "log.txt", SERVER_ENV)

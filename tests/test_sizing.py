@@ -140,6 +140,7 @@ def test_cpu_offload_makes_one_gpu_fit_with_modules_offloaded(mixtral: Path):
     assert result.fits and result.offloaded and "offloaded (slower)" in result.verdict
 
 
+@pytest.mark.e2e  # the command, in its own process
 def test_plan_command_prints_the_placement_and_exits_by_verdict(mixtral: Path):
     fits = subprocess.run([str(BIN / "mixtral-endpoint"), "plan", "--checkpoint", str(mixtral), "--gpus", "2",
                            "--gpu-memory", "80GiB"], capture_output=True, text=True)

@@ -1,8 +1,8 @@
 """The /score door: the model card's API (`{"input_data": {...}, "parameters": {...}}`) onto the core.
 
 azmlinfsrv's `/score`, the MLflow model and batch jobs all speak it: a payload is parsed here
-(protocol.py), the core generates for the parsed request, and the answer is rendered here, as a
-body or as server-sent events. The OpenAI door (openai_routes.py) does the same for its own API.
+(protocol/request.py), the core generates for the parsed request, and the answer is rendered here, as a
+body or as server-sent events. The OpenAI door (doors/openai/) does the same for its own API.
 """
 
 from __future__ import annotations

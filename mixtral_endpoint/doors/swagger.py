@@ -49,7 +49,7 @@ def build_swagger(version: str) -> dict[str, Any]:
     return spec
 
 
-# The OpenAI / Azure AI Model Inference routes (openai_routes.py): path -> (method, request, response, what).
+# The OpenAI / Azure AI Model Inference routes (doors/openai/routes.py): path -> (method, request, response, what).
 OPENAI_ROUTES = {
     "/v1/chat/completions": ("post", "chat_request", "chat_completion", "OpenAI chat completions"),
     "/chat/completions": ("post", "chat_request", "chat_completion", "Azure AI Model Inference chat completions"),

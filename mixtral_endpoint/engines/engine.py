@@ -7,7 +7,7 @@ the caller cancelled at its next step. Engines know no text: stop strings, the b
 rendering stay in the core, so both engines answer the same API the same way.
 
 Two engines implement it: `TransformersEngine` (our continuous batching on transformers: the
-reference, and the CPU default) and `VllmEngine` (vLLM, for GPUs); `engines.py` chooses one.
+reference, and the CPU default) and `VllmEngine` (vLLM, for GPUs); `choice.py` chooses one.
 
 An engine that dies (an error out of its loop, or a fault that persists) fails every row in flight
 and calls `on_death`; it never serves again. What to do about it (end the worker) is the door's.

@@ -58,13 +58,13 @@ class ServerConfig:
     enable_prefix_caching: bool = True  # reuse the cache of a prompt prefix seen before (a chat's history)
     max_num_batched_tokens: int = 0  # tokens one step computes (chunked prefill); 0: vLLM's default
     kv_cache_dtype: str = "auto"  # auto: the serving dtype; fp8 halves the cache per token
-    # Moderation (safety.py): screening with Azure AI Content Safety, and Mistral's guardrail prompt.
+    # Moderation (serving/safety.py): screening with Azure AI Content Safety, and Mistral's guardrail prompt.
     content_safety_endpoint: str = ""  # empty: no screening; also read from CONTENT_SAFETY_ENDPOINT
     content_safety_threshold: int = 2  # a severity over it flags (levels 0, 2, 4, 6); also CONTENT_SAFETY_THRESHOLD
     content_safety_key: str = field(default="", repr=False)  # empty: the managed identity; also CONTENT_SAFETY_KEY
     content_safety_fail_open: bool = False  # serve when screening fails, rather than refuse (503)
     safe_prompt: bool = False  # the guardrail prompt for every conversation that does not set safe_prompt
-    # Azure ML model data collection (collector.py), when the deployment's data_collector block enables it.
+    # Azure ML model data collection (serving/collector.py), when the deployment's data_collector block enables it.
     data_collection: bool = True
     # Logging.
     log_prompts: bool = False

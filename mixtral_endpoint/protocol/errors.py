@@ -55,7 +55,7 @@ class ContextLengthExceeded(ScoringError):
 
 
 class ContentFiltered(ScoringError):
-    """A prompt that content screening flagged (safety.py); the message names the category."""
+    """A prompt that content screening flagged (serving/safety.py); the message names the category."""
 
     code = "content_filter"
 

@@ -30,7 +30,7 @@ _COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "strea
            "logprobs", "frequency_penalty", "presence_penalty", "logit_bias", "response_format"}
 # OpenAI chat fields that change nothing here (bookkeeping for OpenAI's own service).
 _IGNORED = {"store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier"}
-_TOOLS = {"tools", "tool_choice", "parallel_tool_calls"}  # tools.py
+_TOOLS = {"tools", "tool_choice", "parallel_tool_calls"}  # protocol/tools.py
 # OpenAI chat fields for what Mixtral-8x7B cannot do: a 400 naming them when set.
 _UNSUPPORTED = ("functions", "function_call", "modalities", "audio", "prediction", "reasoning_effort",
                 "web_search_options", "verbosity")
@@ -139,7 +139,7 @@ def _messages(body: dict[str, Any], tool_use: ToolUse | None) -> tuple[Any, tupl
     """The conversation as /score takes it, and the index in `messages` each of its messages came from.
 
     With tools, their instructions join the system message; an assistant's tool_calls become the array it
-    answered with, and `tool` messages (with any user text after them) one user turn (tools.py)."""
+    answered with, and `tool` messages (with any user text after them) one user turn (protocol/tools.py)."""
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise InvalidRequest("messages is required: a list of {role, content} messages", param="messages")

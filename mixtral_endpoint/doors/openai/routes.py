@@ -35,7 +35,7 @@ def register(blueprint: flask.Blueprint, scorer: Callable[[], Scorer | None]) ->
                                lambda route=route: _completion(route, scorer()), methods=["POST"])
     blueprint.add_url_rule("/v1/models", "openai_models", lambda: _json(openai.models()), methods=["GET"])
     blueprint.add_url_rule("/info", "azure_model_info", lambda: _json(openai.MODEL_INFO), methods=["GET"])
-    # Prometheus's scrape, beside them: vLLM's metric names, from the core (metrics.py).
+    # Prometheus's scrape, beside them: vLLM's metric names, from the core (serving/metrics.py).
     blueprint.add_url_rule("/metrics", "prometheus_metrics", lambda: _metrics(scorer()), methods=["GET"])
 
 
