@@ -13,9 +13,9 @@ import flask
 from azureml_inference_server_http.api.aml_request import rawhttp
 from azureml_inference_server_http.api.aml_response import AMLResponse
 
-from mixtral_endpoint.doors import score as score_api
 from mixtral_endpoint.doors.mlflow_model.pyfunc import load_scorer
 from mixtral_endpoint.doors.openai import routes as openai_routes
+from mixtral_endpoint.doors.score import serving as score_api
 from mixtral_endpoint.protocol.config import ServerConfig
 from mixtral_endpoint.protocol.errors import InvalidRequest, ModelNotReady, ScoringError, as_scoring_error
 from mixtral_endpoint.serving.service import Scorer

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engines import PROMPTS, build_checkpoint  # noqa: E402
 
-from mixtral_endpoint.doors import score as score_api  # noqa: E402
+from mixtral_endpoint.doors.score import serving as score_api  # noqa: E402
 from mixtral_endpoint.protocol.config import ServerConfig  # noqa: E402
 from mixtral_endpoint.protocol.constraints import Constraint  # noqa: E402
 from mixtral_endpoint.serving.service import Scorer  # noqa: E402

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mixtral_endpoint.doors import score as score_api
+from mixtral_endpoint.doors.score import serving as score_api
 from mixtral_endpoint.protocol.config import ServerConfig
 from mixtral_endpoint.protocol.errors import CheckpointError
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mixtral_endpoint.doors import score as score_api
 from mixtral_endpoint.doors.batch import read_lines, score_lines
+from mixtral_endpoint.doors.score import serving as score_api
 
 from .conftest import ENGINES, SERVER_ENV
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from mixtral_endpoint.doors import score as score_api
+from mixtral_endpoint.doors.score import serving as score_api
 from mixtral_endpoint.protocol.config import ServerConfig
 from mixtral_endpoint.serving.collector import DataCollector
 from mixtral_endpoint.serving.service import Scorer

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import GenerationConfig, MixtralForCausalLM
 
-from mixtral_endpoint.doors import score as score_api
+from mixtral_endpoint.doors.score import serving as score_api
 from mixtral_endpoint.engines.choice import choose_engine
 from mixtral_endpoint.engines.engine import Row
 from mixtral_endpoint.engines.transformers.transformers_engine import TransformersEngine

@@ -16,8 +16,8 @@ import flask
 import pytest
 import torch
 
-from mixtral_endpoint.doors import score as score_api
 from mixtral_endpoint.doors.mlflow_model.packager import package_model
+from mixtral_endpoint.doors.score import serving as score_api
 from mixtral_endpoint.protocol.errors import InternalError
 from mixtral_endpoint.serving.service import Scorer
 from tests.localserver import LocalServer

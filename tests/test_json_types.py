@@ -15,9 +15,9 @@ import requests
 
 from mixtral_endpoint.doors.mlflow_model.pyfunc import input_items
 from mixtral_endpoint.doors.openai import protocol as openai_protocol
+from mixtral_endpoint.doors.score.protocol import parse_request
 from mixtral_endpoint.protocol.config import ServerConfig
 from mixtral_endpoint.protocol.errors import ScoringError
-from mixtral_endpoint.protocol.request import parse_request
 
 from .conftest import SERVER_ENV
 

@@ -14,9 +14,9 @@ import pytest
 import yaml
 from mlflow.exceptions import MlflowException
 
-from mixtral_endpoint.doors import score as score_api
 from mixtral_endpoint.doors.mlflow_model.packager import package_model
 from mixtral_endpoint.doors.mlflow_model.pyfunc import find_mlmodel, load_scorer, signature
+from mixtral_endpoint.doors.score import serving as score_api
 from mixtral_endpoint.protocol.config import ServerConfig
 from mixtral_endpoint.protocol.errors import CheckpointError
 from mixtral_endpoint.serving.service import Scorer

@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 import requests
 
-from mixtral_endpoint.doors import score as score_api
+from mixtral_endpoint.doors.score import serving as score_api
 from tests.localserver import free_port
 
 from .conftest import ENGINES, SERVER_ENV

@@ -18,7 +18,8 @@ from openai import BadRequestError, OpenAI
 
 from mixtral_endpoint.doors.openai.protocol import MODEL_NAME, parse
 from mixtral_endpoint.protocol.errors import ScoringError
-from mixtral_endpoint.protocol.request import RequestLimits, load_schema
+from mixtral_endpoint.protocol.request import RequestLimits
+from mixtral_endpoint.protocol.validation import load_schema
 
 SECRET = "Zyzzyva-prompt-text"
 CONVERSATION = [{"role": "system", "content": "Be brief."},
@@ -220,3 +221,14 @@ def test_every_route_answers_what_schemas_openai_describes(server: str):
                ("error_response", requests.post(server + "/v1/chat/completions", json={"n": 3}, timeout=30))]
     for name, response in answers:
         openai_schema(name).validate(response.json())
+
+
+def test_the_cores_own_errors_name_the_openai_field(client: OpenAI):
+    """The core refuses a prompt over the context window; the door's fields name it, never /score's paths."""
+    long = "word " * 600  # over the test server's 512-token window
+    with pytest.raises(BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": long}], max_tokens=4)
+    assert caught.value.body["param"] == "messages"
+    with pytest.raises(BadRequestError) as caught:
+        client.completions.create(model=MODEL_NAME, prompt=["hi", long], max_tokens=4)
+    assert caught.value.body["param"] == "prompt[1]"

@@ -11,8 +11,9 @@ import pytest
 from mixtral_endpoint.doors.mlflow_model.pyfunc import signature
 from mixtral_endpoint.protocol.config import ServerConfig
 from mixtral_endpoint.protocol.parameters import BY_NAME, PARAMETERS, SERVER_DEFAULT, Parameter, json_schema
-from mixtral_endpoint.protocol.request import ScoringRequest, load_schema
+from mixtral_endpoint.protocol.request import ScoringRequest
 from mixtral_endpoint.protocol.sampling import SamplingSettings
+from mixtral_endpoint.protocol.validation import load_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = [p.name for p in PARAMETERS]

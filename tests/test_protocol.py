@@ -10,16 +10,10 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft202012Validator
 
+from mixtral_endpoint.doors.score.protocol import parse_request, render
 from mixtral_endpoint.protocol.errors import InvalidRequest
-from mixtral_endpoint.protocol.request import (
-    Completion,
-    Message,
-    RequestLimits,
-    load_schema,
-    parse_json,
-    parse_request,
-    render,
-)
+from mixtral_endpoint.protocol.request import Completion, Message, RequestLimits
+from mixtral_endpoint.protocol.validation import load_schema, parse_json
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMITS = RequestLimits(max_new_tokens=1024, default_max_new_tokens=256, max_prompts=8)
@@ -36,10 +30,13 @@ def chat_request(*messages: tuple[str, str], **parameters: object) -> dict:
 
 
 def test_protocol_imports_no_heavy_framework():
-    """The protocol module stays pure: importing it pulls in neither torch, mlflow nor azureml."""
+    """The protocol floor and the doors' protocols stay pure: importing them pulls in neither torch, mlflow nor
+    azureml."""
     import subprocess
 
-    code = ("import sys, mixtral_endpoint.protocol; "
+    modules = [f"mixtral_endpoint.protocol.{m.stem}" for m in (ROOT / "mixtral_endpoint" / "protocol").glob("*.py")]
+    modules += ["mixtral_endpoint.doors.score.protocol", "mixtral_endpoint.doors.openai.protocol"]
+    code = (f"import sys, {', '.join(modules)}; "
             "print([m for m in ('torch', 'mlflow', 'azureml_inference_server_http', 'transformers') "
             "if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -9,8 +9,8 @@ import pytest
 import requests
 from jsonschema import Draft202012Validator
 
-from mixtral_endpoint.doors import score as score_api
-from mixtral_endpoint.protocol.request import load_schema
+from mixtral_endpoint.doors.score import serving as score_api
+from mixtral_endpoint.protocol.validation import load_schema
 from tests.localserver import LocalServer
 
 from .conftest import SERVER_ENV

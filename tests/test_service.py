@@ -6,14 +6,19 @@ import io
 import json
 import logging
 import shlex
+import time
 from pathlib import Path
 
 import pytest
 from jsonschema import Draft202012Validator
 
-from mixtral_endpoint.doors import score as score_api
+from mixtral_endpoint.doors.score import serving as score_api
+from mixtral_endpoint.engines.engine import Capacity, Row
+from mixtral_endpoint.protocol.config import ServerConfig
 from mixtral_endpoint.protocol.errors import ContextLengthExceeded, InvalidRequest, PayloadTooLarge
-from mixtral_endpoint.protocol.request import Message, load_schema
+from mixtral_endpoint.protocol.request import Message
+from mixtral_endpoint.protocol.sampling import SamplingSettings
+from mixtral_endpoint.protocol.validation import load_schema
 from mixtral_endpoint.serving.service import Scorer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,3 +155,32 @@ def test_a_request_id_that_would_forge_log_fields_is_quoted_in_the_log_line(scor
     assert dict(fields)["finish_reason"] == "length"
     assert lines[1].startswith("request=plain-id.42 engine=")
     assert caplog.records[-1].request_id == "plain-id.42"  # the record's own attribute keeps the id as it came
+
+
+class HoldingEngine:
+    """An engine whose one batch place is taken by a row that never ends: what a batch of long generations
+    looks like to a request that has to wait for a place."""
+
+    name = "holding"
+    context_window = 512
+
+    def __init__(self) -> None:
+        self.capacity = Capacity(rows=1)
+        self.on_death: list = []
+
+    def submit(self, rows: list[Row]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_request_that_never_gets_a_place_ends_time_limit_at_its_deadline(tokenizer):
+    """Not 30 s later as a stalled engine: its row waited in the line, never in the engine."""
+    config = ServerConfig.from_env({"MIXTRAL_REQUEST_TIMEOUT_S": "0.5", "MIXTRAL_MAX_TOTAL_TOKENS": "512"})
+    core = Scorer(HoldingEngine(), tokenizer, config)
+    core.line.take([Row([1, 2], SamplingSettings(max_new_tokens=4))])  # the place, for ever
+    start = time.monotonic()
+    body = score_api.score(core, text("hi", max_new_tokens=4))
+    assert body[0]["finish_reason"] == "time_limit" and body[0]["0"] == ""
+    assert 0.5 <= time.monotonic() - start < 5 and core.line.counts[:2] == (1, 0)

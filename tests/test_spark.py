@@ -14,7 +14,7 @@ import pytest
 from pyspark.sql import SparkSession
 from pyspark.sql.types import ArrayType, LongType, StringType, StructField, StructType
 
-from mixtral_endpoint.doors import score as score_api
+from mixtral_endpoint.doors.score import serving as score_api
 from mixtral_endpoint.serving.service import Scorer
 
 from .conftest import ENGINES

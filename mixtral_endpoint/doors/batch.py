@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixtral_endpoint.doors import score as score_api
+from mixtral_endpoint.doors.score import serving as score_api
 from mixtral_endpoint.protocol.errors import InvalidRequest, ScoringError, as_scoring_error
-from mixtral_endpoint.protocol.request import parse_json
+from mixtral_endpoint.protocol.validation import parse_json
 from mixtral_endpoint.serving.service import Scorer
 
 log = logging.getLogger(__name__)

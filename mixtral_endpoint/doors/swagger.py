@@ -18,7 +18,7 @@ from typing import Any
 from azureml_inference_server_http.constants import SERVER_ROOT
 
 from mixtral_endpoint.protocol.parameters import json_schema as parameters_schema
-from mixtral_endpoint.protocol.request import SCHEMA_DIR, load_schema
+from mixtral_endpoint.protocol.validation import SCHEMA_DIR, load_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE_NAME = "mixtral-8x7b"

@@ -2,10 +2,10 @@
 or a typed error.
 
 Everything between the doors and the engine interface lives here, so both engines and every door answer
-alike: tokenization, compiled grammars (grammar.py), the bounded line (line.py), deadlines, stop strings,
+alike: tokenization, compiled grammars (engines/grammar.py), the bounded line (line.py), deadlines, stop strings,
 content screening and the guardrail prompt (safety.py), data collection (collector.py), metrics and the
 per-request log line. Each door parses its own API into a ScoringRequest and renders the Completions
-(score_api.py for /score, MLflow and batch jobs; openai_routes.py for the OpenAI routes).
+(doors/score.py for /score, MLflow and batch jobs; doors/openai/ for the OpenAI routes).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import queue
 import re
 import time
@@ -24,7 +25,7 @@ from typing import Any, BinaryIO
 
 from mixtral_endpoint.engines.choice import load_engine
 from mixtral_endpoint.engines.engine import Engine, Row
-from mixtral_endpoint.engines.grammar import Grammars
+from mixtral_endpoint.engines.grammar import Grammars, ebnf
 from mixtral_endpoint.model.checkpoint import inspect_checkpoint
 from mixtral_endpoint.model.tokenizer import PromptTokenizer
 from mixtral_endpoint.protocol.config import MODEL_NAME, ServerConfig
@@ -37,11 +38,8 @@ from mixtral_endpoint.protocol.errors import (
     PayloadTooLarge,
     ScoringError,
 )
-from mixtral_endpoint.protocol.request import (
-    Completion,
-    ScoringRequest,
-    parse_json,
-)
+from mixtral_endpoint.protocol.request import Completion, ScoringRequest
+from mixtral_endpoint.protocol.validation import parse_json
 from mixtral_endpoint.serving.collector import DataCollector
 from mixtral_endpoint.serving.detokenizer import Detokenizer
 from mixtral_endpoint.serving.line import RETRY_AFTER_S, Line, line_for
@@ -78,16 +76,17 @@ class Scorer:
         self.tokenizer = tokenizer
         self.config = config
         self.line = line_for(engine, config.max_queue)
-        self.grammars = Grammars(tokenizer)
+        self.grammars = Grammars(tokenizer) if engine.name != "vllm" else None  # vLLM compiles its own
         self.collector = DataCollector() if config.data_collection else None
         self.screen = None if not config.content_safety_endpoint else Screen(
             config.content_safety_endpoint, threshold=config.content_safety_threshold,
             fail_open=config.content_safety_fail_open, key=config.content_safety_key)
         # Closes the engine once: on close(), when the scorer is collected (a notebook or MLflow
         # loading the model again frees the last copy) or at interpreter exit, before torch is torn
-        # down under the engine thread. It holds the engine, never the scorer; the screen's closer likewise.
+        # down under the engine thread. It holds the engine, never the scorer; the children's closers likewise.
         self._close = weakref.finalize(self, engine.close)
         self._close_screen = weakref.finalize(self, self.screen.close) if self.screen is not None else None
+        self._close_collector = weakref.finalize(self, self.collector.close) if self.collector is not None else None
         # The engine's window: the model's context, or on vLLM at most what its KV cache holds.
         window = engine.context_window
         self.max_total_tokens = min(config.max_total_tokens, window) if config.max_total_tokens else window
@@ -101,11 +100,11 @@ class Scorer:
         return cls(load_engine(checkpoint, config), tokenizer, config)
 
     def close(self) -> None:
-        """Closes the engine and the screening process, once (a door's shutdown and interpreter exit may
-        both ask)."""
-        self._close()
-        if self._close_screen is not None:
-            self._close_screen()
+        """Closes the engine and the screening and collecting processes, once (a door's shutdown and
+        interpreter exit may both ask)."""
+        for close in (self._close, self._close_screen, self._close_collector):
+            if close is not None:
+                close()
 
     def read_json(self, body: BinaryIO, *, declared_length: int | None = None) -> Any:
         """A request body as a door receives it: the size cap, then JSON. A body whose declared length
@@ -153,7 +152,7 @@ class Scorer:
             if self.screen is not None:
                 verdicts = [self.screen.start_prompt(text) for text in _screened_prompts(request)]
                 for verdict in verdicts:
-                    verdict.check_prompt(param="input_data.input_string")
+                    verdict.check_prompt(param=request.fields.input)
         except BaseException:
             self.line.cancel(rows)
             raise
@@ -174,7 +173,7 @@ class Scorer:
                 raise ContextLengthExceeded(
                     f"the prompt is {len(ids)} tokens and max_new_tokens is {wanted}: {len(ids) + wanted} "
                     f"tokens, over the context window of {self.max_total_tokens}",
-                    param="input_data.input_string" + ("" if request.is_chat else f"[{i}]"),
+                    param=request.fields.input if request.is_chat else request.fields.prompt(i),
                 )
         return prompts
 
@@ -196,11 +195,13 @@ class Scorer:
         return rows, texts, sink
 
     def _grammar(self, constraint: Constraint | None) -> object | None:
-        """The constraint compiled (once: cached); both engines' constraints are checked here, before admission."""
+        """The constraint checked, before admission, and in the form the engine takes: compiled (once, kept in
+        a bounded cache) for ours; EBNF text for vLLM, which compiles and caches it itself. On this request's
+        thread, never the engine's."""
         if constraint is None:
             return None
         try:
-            return self.grammars.compile(constraint)
+            return self.grammars.compile(constraint) if self.grammars is not None else ebnf(constraint)
         except ValueError as exc:
             raise InvalidRequest(f"{constraint.param or 'the constraint'} cannot be compiled into a grammar: {exc}",
                                  param=constraint.param or None) from None
@@ -211,12 +212,17 @@ class Scorer:
         single row: streams have one). A row that hits a stop string is cancelled in the engine."""
         text_of = {id(row): text for row, text in zip(rows, texts, strict=True)}
         open_rows = {id(row) for row in rows}
+        expiry = min(row.deadline or math.inf for row in rows)  # rows still waiting in the line end then
         deadline = max(row.deadline or 0.0 for row in rows) + _GRACE_S
         try:
             while open_rows:
                 try:
-                    row, token = sink.get(timeout=max(deadline - time.monotonic(), 0.0))
+                    row, token = sink.get(timeout=max(min(expiry, deadline) - time.monotonic(), 0.0))
                 except queue.Empty:
+                    if expiry < deadline:
+                        self.line.expire(rows, time.monotonic())
+                        expiry = math.inf
+                        continue
                     log.error("request %s: the engine stalled", _logged(request_id))
                     raise InternalError("generation stalled; the server log has the details") from None
                 if id(row) not in open_rows:

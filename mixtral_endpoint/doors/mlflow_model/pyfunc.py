@@ -24,7 +24,7 @@ from mlflow.protos.databricks_pb2 import (
 )
 from mlflow.types.schema import AnyType, Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
-from mixtral_endpoint.doors import score as score_api
+from mixtral_endpoint.doors.score import serving as score_api
 from mixtral_endpoint.protocol.config import ServerConfig
 from mixtral_endpoint.protocol.errors import CheckpointError, InvalidRequest, as_scoring_error
 from mixtral_endpoint.protocol.parameters import PARAMETERS, Parameter

@@ -1,16 +1,15 @@
 """The OpenAI and Azure AI Model Inference protocol: their bodies in as the core's request, the core's
 completions out as their objects. Pure: no torch, flask, azureml or mlflow.
 
-A body is translated into the same `{"input_data", "parameters"}` payload /score takes and validated
-by the same `parse_request`, so both APIs share every rule; an error's `param` is then renamed from
-our path to the OpenAI field the caller sent (`parameters.max_new_tokens` -> `max_tokens`,
-`input_data.input_string[1].role` -> `messages[1].role`).
+A body's messages or prompts and its parameters (by the table's OpenAI names) become the core's request
+through `build_request`, the rules every door shares; errors name the OpenAI field the caller sent
+(`max_tokens`, `messages[1].role`), as this door's `Fields` say.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import re
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -18,7 +17,7 @@ from typing import Any, Literal
 from mixtral_endpoint.protocol.config import MODEL_NAME
 from mixtral_endpoint.protocol.errors import InvalidRequest, ScoringError
 from mixtral_endpoint.protocol.parameters import PARAMETERS
-from mixtral_endpoint.protocol.request import Completion, RequestLimits, ScoringRequest, parse_request
+from mixtral_endpoint.protocol.request import Completion, Fields, Message, RequestLimits, ScoringRequest, build_request
 from mixtral_endpoint.protocol.tools import RESULTS_HEADER, ToolUse, calls_text, parse_tool_use, read_calls, result_line
 
 MODEL_INFO = {"model_name": MODEL_NAME, "model_type": "chat-completion", "model_provider_name": "Mistral AI"}
@@ -41,6 +40,7 @@ OPENAI_FIELDS: dict[Route, frozenset[str]] = {
 }
 # Our parameters as the OpenAI names them; those not among OPENAI_FIELDS are extras.
 _OURS = {p.openai: p.name for p in PARAMETERS if p.openai is not None}
+_THEIRS = {ours: theirs for theirs, ours in _OURS.items()}
 EXTRAS = tuple(sorted(name for name in _OURS if name not in OPENAI_FIELDS["chat"]))
 EXTRA_MODES = ("error", "drop", "pass-through")
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -70,26 +70,23 @@ def parse(body: Any, route: Route, limits: RequestLimits, *, extra_parameters: s
     if tool_use is not None and body.get("response_format") not in (None, {"type": "text"}):
         raise InvalidRequest("response_format and tools both constrain the answer; send one, or tool_choice none",
                              param="response_format")
-    items, names = (_messages(body, tool_use) if route == "chat" else _prompts(body))
-    payload = {"input_data": {"input_string": items}, "parameters": parameters}
-    try:
-        request = parse_request(payload, limits)
-    except ScoringError as exc:
-        exc.param = _rename(exc.param, names, body)
-        raise
+    name = functools.partial(_openai_name, body=body)
+    if route == "chat":
+        messages, origin = _messages(body, tool_use)
+        fields = Fields(input="messages", message=lambda k: f"messages[{origin[k]}]", prompt=lambda i: "messages",
+                        parameter=name)
+        request = build_request(conversation=messages, parameters=parameters, limits=limits, fields=fields)
+    else:
+        prompts, single = _prompts(body)
+        fields = Fields(input="prompt", message=lambda k: "prompt", prompt=lambda i: "prompt" if single else
+                        f"prompt[{i}]", parameter=name)
+        request = build_request(prompts=prompts, parameters=parameters, limits=limits, fields=fields)
     if tool_use is not None:
         request = replace(request, settings=replace(request.settings, constraint=tool_use.constraint()))
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise InvalidRequest("stream_options must be an object", param="stream_options")
     return OpenAIRequest(route, request, include_usage=bool(options.get("include_usage")), tools=tool_use)
-
-
-def rename_param(param: str | None, route: Route, body: Any) -> str | None:
-    """Our path of a field as the OpenAI body names it; an OpenAI name is left as it is."""
-    names = ("messages", None, []) if route == "chat" else ("prompt", isinstance(body, dict) and
-                                                           isinstance(body.get("prompt"), str), [])
-    return _rename(param, names, body if isinstance(body, dict) else {})
 
 
 def _refuse_what_mixtral_cannot_do(body: dict[str, Any]) -> None:
@@ -135,8 +132,8 @@ def _parameters(body: dict[str, Any], route: Route, mode: str) -> dict[str, Any]
     return parameters
 
 
-def _messages(body: dict[str, Any], tool_use: ToolUse | None) -> tuple[Any, tuple[str, bool | None, list[int]]]:
-    """The conversation as /score takes it, and the index in `messages` each of its messages came from.
+def _messages(body: dict[str, Any], tool_use: ToolUse | None) -> tuple[list[Message], list[int]]:
+    """The conversation, and the index in `messages` each of its messages came from.
 
     With tools, their instructions join the system message; an assistant's tool_calls become the array it
     answered with, and `tool` messages (with any user text after them) one user turn (protocol/tools.py)."""
@@ -188,7 +185,7 @@ def _messages(body: dict[str, Any], tool_use: ToolUse | None) -> tuple[Any, tupl
         else:
             converted.insert(0, {"role": "system", "content": tool_use.instructions()})
             origin.insert(0, 0)
-    return converted, ("messages", None, origin)
+    return [Message(m["role"], m["content"]) for m in converted], origin
 
 
 def _text(content: Any, path: str) -> Any:
@@ -204,31 +201,23 @@ def _text(content: Any, path: str) -> Any:
     return "".join(texts)
 
 
-def _prompts(body: dict[str, Any]) -> tuple[Any, tuple[str, bool | None, list[int]]]:
+def _prompts(body: dict[str, Any]) -> tuple[list[str], bool]:
+    """The prompts, and whether the body sent a single one (errors then name `prompt`, not `prompt[0]`)."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        return [prompt], ("prompt", True, [])
+        return [prompt], True
     if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
-        return prompt, ("prompt", False, [])
+        return prompt, False
     raise InvalidRequest("prompt is required: a string or a list of strings", param="prompt")
 
 
-def _rename(param: str | None, names: tuple[str, bool | None, list[int]], body: dict[str, Any]) -> str | None:
-    if param is None:
-        return None
-    field, single, origin = names
-    if param.startswith("input_data.input_string"):
-        rest = param[len("input_data.input_string"):]
-        if origin:  # our message k came from messages[origin[k]]
-            rest = re.sub(r"^\[(\d+)\]", lambda m: f"[{origin[int(m.group(1))]}]", rest)
-        return field + (re.sub(r"^\[0\]", "", rest) if single else rest)
-    name = param.removeprefix("parameters.").removeprefix("input_data.parameters.")
+def _openai_name(name: str, body: dict[str, Any]) -> str:
+    """A parameter of the table as the OpenAI body names it."""
     if name == "max_new_tokens":
         return "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     if name == "do_sample":
         return "temperature"
-    base = name.split("[")[0]
-    return {ours: theirs for theirs, ours in _OURS.items()}.get(base, base) + name[len(base):]
+    return _THEIRS.get(name, name)
 
 
 def error_body(error: ScoringError) -> dict[str, Any]:

@@ -42,7 +42,6 @@ def register(blueprint: flask.Blueprint, scorer: Callable[[], Scorer | None]) ->
 def _completion(route: openai.Route, scorer: Scorer | None) -> flask.Response:
     flask.g.api_name = flask.request.path  # azmlinfsrv's access log line
     request_id = flask.g.get("request_id") or uuid.uuid4().hex
-    body = None
     try:
         if scorer is None:
             raise ModelNotReady("the model is still loading; try again shortly", retry_after=30)
@@ -56,7 +55,6 @@ def _completion(route: openai.Route, scorer: Scorer | None) -> flask.Response:
         return _json(openai.render(parsed, scorer.complete(parsed.request, request_id), request_id))
     except Exception as exc:  # the caller gets a typed error in OpenAI's shape, never a traceback
         error = as_scoring_error(exc, log)
-        error.param = openai.rename_param(error.param, route, body)  # the core's own paths, as OpenAI names them
         return _json(openai.error_body(error), error.status, error.headers())
 
 

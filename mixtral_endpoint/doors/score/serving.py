@@ -1,7 +1,7 @@
 """The /score door: the model card's API (`{"input_data": {...}, "parameters": {...}}`) onto the core.
 
-azmlinfsrv's `/score`, the MLflow model and batch jobs all speak it: a payload is parsed here
-(protocol/request.py), the core generates for the parsed request, and the answer is rendered here, as a
+azmlinfsrv's `/score` (score.py), the MLflow model and batch jobs all speak it: a payload is parsed into the
+core's request (protocol.py, beside this), the core generates for it, and the answer is rendered back, as a
 body or as server-sent events. The OpenAI door (doors/openai/) does the same for its own API.
 """
 
@@ -14,16 +14,15 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mixtral_endpoint.protocol.errors import InvalidRequest, Overloaded, ScoringError
-from mixtral_endpoint.protocol.request import (
-    Completion,
-    ScoringRequest,
+from mixtral_endpoint.doors.score.protocol import (
     parse_request,
     render,
     render_stream_delta,
     render_stream_end,
     render_stream_error,
 )
+from mixtral_endpoint.protocol.errors import InvalidRequest, Overloaded, ScoringError
+from mixtral_endpoint.protocol.request import Completion, ScoringRequest
 from mixtral_endpoint.serving.service import Scorer
 
 Body = dict[str, Any] | list[dict[str, Any]]
