@@ -24,7 +24,7 @@ MODEL_INFO = {"model_name": MODEL_NAME, "model_type": "chat-completion", "model_
 Route = Literal["chat", "completions"]
 
 # The OpenAI fields each route understands. Ours that OpenAI lacks (top_k, repetition_penalty,
-# ignore_eos) are "extra parameters", governed by the `extra-parameters` header.
+# ignore_eos) are "extra parameters": taken unless the `extra-parameters` header says error or drop.
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "n", "user",
            "logprobs", "frequency_penalty", "presence_penalty", "logit_bias", "response_format"}
 # OpenAI chat fields that change nothing here (bookkeeping for OpenAI's own service).
@@ -60,7 +60,8 @@ def parse(body: Any, route: Route, limits: RequestLimits, *, extra_parameters: s
     """Validates an OpenAI body through the core's own rules; errors name the OpenAI field."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
-    mode = (extra_parameters or "error").strip().lower()
+    # Without the header, as vLLM's server and Azure's catalog container do: our extras pass through.
+    mode = (extra_parameters or "pass-through").strip().lower()
     if mode not in EXTRA_MODES:
         raise InvalidRequest(f"the extra-parameters header must be one of {', '.join(EXTRA_MODES)}, got "
                              f"{_clip(extra_parameters or '')!r}", param="extra-parameters")
