@@ -10,8 +10,9 @@ import jsonschema
 import pytest
 import torch
 import xgrammar
+from xgrammar.testing import _is_grammar_accept_string as accepts
 
-from mixtral_endpoint.engines.grammar import Grammars, mask
+from mixtral_endpoint.engines.grammar import Grammars, grammar, mask
 from mixtral_endpoint.model.tokenizer import PromptTokenizer
 from mixtral_endpoint.protocol.constraints import Constraint
 
@@ -76,3 +77,11 @@ def test_a_constraint_compiles_once(grammars):
 def test_a_schema_the_compiler_refuses_is_a_value_error_naming_it(grammars):
     with pytest.raises(ValueError, match=r"\S"):
         grammars.compile(Constraint("json_schema", '{"type": "no-such-type"}'))
+
+
+@pytest.mark.parametrize("text", ["😀", "🚀x", "☃", "é\"\\", "a\nb\t\x00", "\U0010ffff"])
+def test_a_choice_is_written_so_that_its_exact_code_points_match(text):
+    """json.dumps would write an emoji as two surrogate escapes, which no UTF-8 text matches."""
+    built = grammar(Constraint.choice([text, "other"]))
+    assert accepts(built, text) and accepts(built, "other")
+    assert not accepts(built, text + "x") and not accepts(built, text[:-1] or "z")

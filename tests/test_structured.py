@@ -9,7 +9,8 @@ import re
 import jsonschema
 import pytest
 
-from mixtral_endpoint.doors import score as score_api
+from mixtral_endpoint.doors.score import serving as score_api
+from mixtral_endpoint.protocol.constraints import MAX_SCHEMA_DEPTH
 from mixtral_endpoint.protocol.errors import InvalidRequest
 from mixtral_endpoint.serving.service import Scorer
 
@@ -57,8 +58,8 @@ def test_a_constrained_stream_adds_up_to_valid_json(any_scorer: Scorer):
 
 def test_json_object_without_a_schema_is_parsed_from_the_request():
     request_format = {"type": "json_object"}
+    from mixtral_endpoint.doors.score.protocol import parse_request
     from mixtral_endpoint.protocol.config import ServerConfig
-    from mixtral_endpoint.protocol.request import parse_request
 
     from .conftest import SERVER_ENV
     settings = parse_request(body(request_format), ServerConfig.from_env(SERVER_ENV).limits).settings
@@ -89,3 +90,38 @@ def test_a_repeated_schema_compiles_once(scorer: Scorer):
     compiled = dict(scorer.grammars._compiled)
     score_api.score(scorer, body(json_schema(dict(reversed(SCHEMA.items())))))
     assert scorer.grammars._compiled == compiled
+
+
+EMOJI = ["😀", "🚀", "☃"]
+
+
+@pytest.mark.parametrize("response_format", [
+    {"type": "choice", "choice": EMOJI},
+    {"type": "regex", "regex": "(😀|🚀|☃)"},
+    json_schema({"enum": EMOJI}),
+], ids=["choice", "regex", "enum"])
+def test_a_greedy_choice_among_emoji_gives_exactly_one_of_them(any_scorer: Scorer, response_format: dict):
+    """Characters past U+FFFF, as the caller wrote them (the choice grammar once spelled them as surrogates)."""
+    result = score_api.score(any_scorer, body(response_format))
+    answer = json.loads(result["output"]) if response_format["type"] == "json_schema" else result["output"]
+    assert answer in EMOJI and result["finish_reason"] == "stop", result
+
+
+def test_a_schema_200_deep_is_a_400_naming_the_field(any_scorer: Scorer):
+    """Not a RecursionError (a 500, a thousand frames in the log) in the schema check."""
+    deep: dict = {"type": "string"}
+    for _ in range(200):
+        deep = {"type": "object", "properties": {"a": deep}}
+    with pytest.raises(InvalidRequest) as caught:
+        score_api.score(any_scorer, body(json_schema(deep)))
+    assert caught.value.param == "parameters.response_format.json_schema.schema"
+    assert str(MAX_SCHEMA_DEPTH) in caught.value.message
+
+
+def test_a_schema_as_deep_as_the_limit_allows_is_served(any_scorer: Scorer):
+    deepest: dict = {"enum": [1]}  # nested in arrays of at most one item: [[[...[1]...]]] or less
+    for _ in range(MAX_SCHEMA_DEPTH - 2):
+        deepest = {"type": "array", "items": deepest, "maxItems": 1}
+    result = score_api.score(any_scorer, body(json_schema(deepest)))
+    if result["finish_reason"] == "stop":
+        jsonschema.validate(json.loads(result["output"]), deepest)

@@ -34,11 +34,18 @@ def grammar(constraint: Constraint) -> xgrammar.Grammar:
         elif constraint.kind == "regex":
             built = xgrammar.Grammar.from_regex(constraint.value)
         else:
-            built = xgrammar.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c) for c in
-                                                                        json.loads(constraint.value)))
+            choices = json.loads(constraint.value)
+            built = xgrammar.Grammar.from_ebnf("root ::= " + " | ".join(_literal(c) for c in choices))
         return xgrammar.Grammar.union(built, xgrammar.Grammar.from_regex(_TEXT_REGEX)) if constraint.or_text else built
     except (RuntimeError, ValueError) as exc:
         raise ValueError(str(exc).strip().splitlines()[0].split("] ", 1)[-1]) from None
+
+
+def _literal(text: str) -> str:
+    """An EBNF string literal that xgrammar reads as `text`, code point by code point. Not json.dumps: it
+    writes a character past U+FFFF as two surrogate escapes, which xgrammar reads as two code points that no
+    UTF-8 text holds."""
+    return '"' + "".join(c if " " <= c <= "~" and c not in '"\\' else f"\\U{ord(c):08x}" for c in text) + '"'
 
 
 def ebnf(constraint: Constraint) -> str:
