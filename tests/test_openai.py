@@ -79,7 +79,8 @@ def test_seeded_sampling_is_reproducible_and_equals_score(client: OpenAI, server
 
 
 def test_models_and_model_info(client: OpenAI, server: str):
-    assert [m.id for m in client.models.list().data] == [MODEL_NAME]
+    (model,) = client.models.list().data
+    assert model.id == MODEL_NAME and model.root == MODEL_NAME and model.max_model_len == 512  # vLLM's fields
     info = ChatCompletionsClient(endpoint=server, credential=AzureKeyCredential("unused")).get_model_info()
     assert (info.model_name, info.model_type) == (MODEL_NAME, "chat-completion")
 

@@ -314,8 +314,10 @@ def render_stream_error(error: ScoringError) -> str:
     return _event(error_body(error)) + "data: [DONE]\n\n"
 
 
-def models() -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "mistralai"}]}
+def models(max_model_len: int) -> dict[str, Any]:
+    """The served model as OpenAI lists it, with vLLM's fields beside (`vllm bench serve` reads `root`)."""
+    return {"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "mistralai",
+                                        "root": MODEL_NAME, "parent": None, "max_model_len": max_model_len}]}
 
 
 def _head(parsed: OpenAIRequest, request_id: str, *, chunk: bool) -> dict[str, Any]:

@@ -33,7 +33,7 @@ def register(blueprint: flask.Blueprint, scorer: Callable[[], Scorer | None]) ->
     for path, route in ROUTES.items():
         blueprint.add_url_rule(path, f"openai_{path.strip('/').replace('/', '_')}",
                                lambda route=route: _completion(route, scorer()), methods=["POST"])
-    blueprint.add_url_rule("/v1/models", "openai_models", lambda: _json(openai.models()), methods=["GET"])
+    blueprint.add_url_rule("/v1/models", "openai_models", lambda: _models(scorer()), methods=["GET"])
     blueprint.add_url_rule("/info", "azure_model_info", lambda: _json(openai.MODEL_INFO), methods=["GET"])
     # Prometheus's scrape, beside them: vLLM's metric names, from the core (serving/metrics.py).
     blueprint.add_url_rule("/metrics", "prometheus_metrics", lambda: _metrics(scorer()), methods=["GET"])
@@ -72,6 +72,13 @@ def _events(parsed: openai.OpenAIRequest, events: Iterator[str | Completion], re
                     yield openai.render_stream_end(parsed, request_id, item, held=calls.held)
     except ScoringError as exc:
         yield openai.render_stream_error(exc)
+
+
+def _models(scorer: Scorer | None) -> flask.Response:
+    if scorer is None:
+        error = ModelNotReady("the model is still loading; try again shortly", retry_after=30)
+        return _json(openai.error_body(error), error.status, error.headers())
+    return _json(openai.models(scorer.max_total_tokens))
 
 
 def _metrics(scorer: Scorer | None) -> flask.Response:
