@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import pytest
@@ -69,11 +72,6 @@ def test_or_text_gives_the_schema_or_text_that_does_not_open_like_json(grammars,
         assert text and not text[0].isspace()
 
 
-def test_a_constraint_compiles_once(grammars):
-    first = grammars.compile(Constraint.json_schema(SCHEMA))
-    assert grammars.compile(Constraint.json_schema(dict(reversed(SCHEMA.items())))) is first  # same schema
-
-
 def test_a_schema_the_compiler_refuses_is_a_value_error_naming_it(grammars):
     with pytest.raises(ValueError, match=r"\S"):
         grammars.compile(Constraint("json_schema", '{"type": "no-such-type"}'))
@@ -85,3 +83,36 @@ def test_a_choice_is_written_so_that_its_exact_code_points_match(text):
     built = grammar(Constraint.choice([text, "other"]))
     assert accepts(built, text) and accepts(built, "other")
     assert not accepts(built, text + "x") and not accepts(built, text[:-1] or "z")
+
+
+def test_the_compiled_grammars_kept_stay_within_the_budget(tokenizer):
+    """xgrammar's compiler kept every grammar it compiled unless told a limit (805 MiB after 400 regexes)."""
+    grammars = Grammars(tokenizer, budget_bytes=4 * 2**20)
+    biggest = 0
+    for n in range(20, 60):
+        biggest = max(biggest, grammars.compile(Constraint("regex", f"[a-z]{{1,{n}}}")).memory_size_bytes)
+        assert grammars.bytes <= grammars.budget_bytes + biggest  # xgrammar's: over by less than one grammar
+    assert grammars.bytes > grammars.budget_bytes / 2  # what it keeps, it counts
+
+
+def test_a_repeated_constraint_is_compiled_once(grammars):
+    grammars.compile(Constraint.json_schema(SCHEMA))
+    kept = grammars.bytes
+    grammars.compile(Constraint.json_schema(dict(reversed(SCHEMA.items()))))  # the same schema
+    assert grammars.bytes == kept
+
+
+def test_a_slow_compilation_holds_up_no_other_constraint(tokenizer):
+    """Compiled on the caller's thread, without the GIL and outside any lock of ours (one lock held every
+    caller behind the slowest compilation)."""
+    grammars = Grammars(tokenizer)
+    slow = Constraint.json_schema({"type": "object", "properties": {  # strings of distinct lengths: ~1 s
+        f"p{i}": {"type": "string", "maxLength": 100 + 7 * i} for i in range(6)}})
+    started = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        slow_done = pool.submit(lambda: (started.set(), grammars.compile(slow)))
+        assert started.wait(timeout=30)
+        time.sleep(0.05)
+        grammars.compile(Constraint("regex", "[0-9]{1,5}"))
+        assert not slow_done.done()
+        slow_done.result(timeout=120)

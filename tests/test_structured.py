@@ -4,12 +4,17 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import time
+from pathlib import Path
 
 import jsonschema
 import pytest
+import xgrammar
 
 from mixtral_endpoint.doors.score import serving as score_api
+from mixtral_endpoint.engines.grammar import GRAMMAR_CACHE_BYTES, Grammars
 from mixtral_endpoint.protocol.constraints import MAX_SCHEMA_DEPTH
 from mixtral_endpoint.protocol.errors import InvalidRequest
 from mixtral_endpoint.serving.service import Scorer
@@ -87,9 +92,9 @@ def test_a_type_without_its_field_is_a_400_naming_it(scorer: Scorer):
 
 def test_a_repeated_schema_compiles_once(scorer: Scorer):
     score_api.score(scorer, body(json_schema(SCHEMA)))
-    compiled = dict(scorer.grammars._compiled)
+    kept = scorer.grammars.bytes
     score_api.score(scorer, body(json_schema(dict(reversed(SCHEMA.items())))))
-    assert scorer.grammars._compiled == compiled
+    assert scorer.grammars.bytes == kept
 
 
 EMOJI = ["😀", "🚀", "☃"]
@@ -125,3 +130,48 @@ def test_a_schema_as_deep_as_the_limit_allows_is_served(any_scorer: Scorer):
     result = score_api.score(any_scorer, body(json_schema(deepest)))
     if result["finish_reason"] == "stop":
         jsonschema.validate(json.loads(result["output"]), deepest)
+
+
+def distinct_regexes(count: int) -> list[str]:
+    """Never-seen regexes, each compiling to about 0.9 MB on the v1 vocabulary (sharing most of it)."""
+    return [f"{time.time_ns()}{i}[a-z0-9 ]{{1,20}}" for i in range(count)]
+
+
+def resident_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_400_new_regexes_in_a_row_leave_the_grammar_cache_within_its_budget(scorer: Scorer,
+                                                                               monkeypatch: pytest.MonkeyPatch):
+    """Each distinct constraint was kept for the life of the process (805 MiB after 400 such requests); now the
+    cache drops the least recently used past its budget, here a small one so the test sees it work."""
+    assert scorer.grammars.budget_bytes == GRAMMAR_CACHE_BYTES
+    grammars = Grammars(scorer.tokenizer, budget_bytes=64 * 2**20)
+    monkeypatch.setattr(scorer, "grammars", grammars)
+    before = resident_mib()
+    for regex in distinct_regexes(400):
+        result = score_api.score(scorer, body({"type": "regex", "regex": regex}, max_new_tokens=1))
+        assert result["finish_reason"] in ("stop", "length")
+        assert grammars.bytes <= grammars.budget_bytes + 2**20  # xgrammar's: over by less than one grammar
+    assert resident_mib() - before < 64 + 96, "the grammars dropped from the cache were not freed"
+
+
+def test_vllm_compiles_each_constraint_once_and_keeps_its_grammars_bounded(vllm_scorer: Scorer,
+                                                                            monkeypatch: pytest.MonkeyPatch):
+    """On vLLM the core only checks a constraint and writes its EBNF text (on the request's thread); vLLM
+    compiles it, once, into its own cache, which has our budget."""
+    assert vllm_scorer.grammars is None
+    compiled = []
+    real = xgrammar.GrammarCompiler.compile_grammar
+    monkeypatch.setattr(xgrammar.GrammarCompiler, "compile_grammar",
+                        lambda self, *args, **kwargs: compiled.append(args) or real(self, *args, **kwargs))
+    score_api.score(vllm_scorer, body({"type": "regex", "regex": distinct_regexes(1)[0]}, max_new_tokens=1))
+    assert len(compiled) == 1
+    vllm_compiler = vllm_scorer.engine.llm.engine_core.engine_core.structured_output_manager.backend.compiler
+    assert vllm_compiler.cache_limit_bytes == GRAMMAR_CACHE_BYTES
+    before = resident_mib()
+    for regex in distinct_regexes(400):
+        result = score_api.score(vllm_scorer, body({"type": "regex", "regex": regex}, max_new_tokens=1))
+        assert result["finish_reason"] in ("stop", "length")
+    assert vllm_compiler.get_cache_size_bytes() <= GRAMMAR_CACHE_BYTES
+    assert resident_mib() - before < GRAMMAR_CACHE_BYTES / 2**20 + 160  # vLLM's cache, and no copy of ours

@@ -1,16 +1,16 @@
 """Grammar-constrained decoding with xgrammar, against the v1 SentencePiece vocabulary.
 
-A Constraint (constraints.py) becomes one xgrammar Grammar, the same for both engines: our engine
-compiles it here (once per constraint, cached) and gives each row its own matcher, whose bitmask of
-allowed tokens the sampler applies and which says when the grammar has ended; vLLM gets the same
-grammar as EBNF text and compiles it with its own xgrammar.
+A Constraint (protocol/constraints.py) becomes one xgrammar Grammar, the same for both engines: our engine
+compiles it here (kept within a budget of bytes) and gives each row its own matcher, whose bitmask of
+allowed tokens the sampler applies and which says when the grammar has ended; vLLM gets the same grammar
+as EBNF text and compiles (and keeps) it with its own xgrammar.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Sequence
+from typing import Final
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from mixtral_endpoint.protocol.constraints import Constraint
 # tool_choice "auto": text that opens like neither a JSON array or object nor a blank, so the two
 # branches of the grammar part at the first character.
 _TEXT_REGEX = r"[^\[{\s][\s\S]*"
+# What the compiled grammars this process keeps may take, together: one takes from tens of KB to tens of MB
+# (`[a-z]{1,500}`: 1.4 MB). vLLM's own cache gets the same (vllm_engine.py).
+GRAMMAR_CACHE_BYTES: Final = 256 * 2**20
 
 
 def grammar(constraint: Constraint) -> xgrammar.Grammar:
@@ -49,30 +52,40 @@ def _literal(text: str) -> str:
 
 
 def ebnf(constraint: Constraint) -> str:
-    """The grammar as EBNF text, for vLLM's structured outputs."""
+    """The grammar as EBNF text, for vLLM's structured outputs; raises ValueError as grammar() does."""
     return str(grammar(constraint))
 
 
 class Grammars:
-    """Compiles constraints for one tokenizer, each once."""
+    """Compiles constraints for one tokenizer, on the thread that asks.
 
-    def __init__(self, tokenizer: PromptTokenizer) -> None:
+    xgrammar's compiler keeps what it compiled, least recently used out past `budget_bytes` (without a limit
+    it kept everything). Not a cache of our own beside it: xgrammar reuses what it kept for the parts a new
+    grammar shares with them (regexes differing only in a prefix: 2 ms each instead of 42). A compilation lets
+    go of the GIL and holds up no other constraint's; callers of one being compiled wait for that compilation.
+    """
+
+    def __init__(self, tokenizer: PromptTokenizer, *, budget_bytes: int = GRAMMAR_CACHE_BYTES) -> None:
         info = xgrammar.TokenizerInfo(tokenizer.pieces(), xgrammar.VocabType.BYTE_FALLBACK,
                                       vocab_size=tokenizer.vocab_size, stop_token_ids=[tokenizer.eos_id],
                                       add_prefix_space=True)
-        self._compiler = xgrammar.GrammarCompiler(info, max_threads=1)
-        self._compiled: dict[Constraint, xgrammar.CompiledGrammar] = {}
-        self._lock = threading.Lock()
+        self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_limit_bytes=budget_bytes)
+
+    @property
+    def budget_bytes(self) -> int:
+        return self._compiler.cache_limit_bytes
+
+    @property
+    def bytes(self) -> int:
+        """What the compiled grammars kept take."""
+        return self._compiler.get_cache_size_bytes()
 
     def compile(self, constraint: Constraint) -> xgrammar.CompiledGrammar:
         """The constraint's compiled grammar; raises ValueError naming what the compiler refused."""
-        with self._lock:
-            if constraint not in self._compiled:
-                try:
-                    self._compiled[constraint] = self._compiler.compile_grammar(grammar(constraint))
-                except RuntimeError as exc:
-                    raise ValueError(str(exc).strip().splitlines()[0]) from None
-            return self._compiled[constraint]
+        try:
+            return self._compiler.compile_grammar(grammar(constraint))
+        except RuntimeError as exc:
+            raise ValueError(str(exc).strip().splitlines()[0]) from None
 
 
 def mask(logits: torch.Tensor, matchers: Sequence[xgrammar.GrammarMatcher | None]) -> None:

@@ -3,7 +3,8 @@
 vLLM gets our token ids (a TokensPrompt), so prompts stay token-exact with mistral-common, and returns
 token ids; it loads the checkpoint's tokenizer (mistral-common's, `tokenizer_mode="mistral"`) only
 because its structured outputs build their vocabulary from it. Each row's own settings become its
-SamplingParams, a constraint as the same xgrammar grammar our engine runs (grammar.py). One thread owns
+SamplingParams, a constraint as the same xgrammar grammar our engine runs: its EBNF text, which the core
+wrote on the request's thread (grammar.py) and the row carries. One thread owns
 vLLM's `LLMEngine`, in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): it adds newcomers,
 aborts rows that were cancelled or ran out of time, and steps, as our own engine's thread does.
 
@@ -16,7 +17,6 @@ a throwaway Flask request context.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import json
 import logging
@@ -28,10 +28,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from mixtral_endpoint.engines.engine import Capacity, EngineThread, Row
-from mixtral_endpoint.engines.grammar import ebnf
+from mixtral_endpoint.engines.grammar import GRAMMAR_CACHE_BYTES
 from mixtral_endpoint.model.placement import VLLM_MEMORY_SHARE, kv_budget, serving_dtype, size, visible_devices
 from mixtral_endpoint.protocol.config import DEFAULT_BATCH_SIZE, MAX_NUM_SEQS
-from mixtral_endpoint.protocol.constraints import Constraint
 from mixtral_endpoint.protocol.errors import ConfigError, DoesNotFit, InternalError
 from mixtral_endpoint.protocol.sampling import SamplingSettings
 
@@ -154,8 +153,8 @@ class VllmEngine(EngineThread):
                 raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}) and not empty")
             if len(row.prompt) + row.settings.max_new_tokens > self.context_window:
                 raise ValueError("the prompt and max_new_tokens are over the context window")
-            self.llm.add_request(request_id, {"prompt_token_ids": row.prompt}, sampling_params(row.settings,
-                                                                                               self.eos_id))
+            self.llm.add_request(request_id, {"prompt_token_ids": row.prompt},
+                                 sampling_params(row.settings, self.eos_id, grammar=row.grammar))
         except Exception as exc:  # this row alone fails
             log.error("a row was refused", exc_info=exc)
             row.fail(exc)
@@ -253,13 +252,13 @@ def engine_args(checkpoint: Checkpoint, config: ServerConfig) -> tuple[dict[str,
     return args, why
 
 
-def sampling_params(settings: SamplingSettings, eos_id: int) -> Any:
-    """Our frozen settings as vLLM's SamplingParams, by name."""
+def sampling_params(settings: SamplingSettings, eos_id: int, *, grammar: str | None = None) -> Any:
+    """Our frozen settings as vLLM's SamplingParams, by name; `grammar`: settings.constraint as EBNF text."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+    assert (settings.constraint is None) == (grammar is None), "a constraint needs its grammar"
     sampled = not settings.greedy
-    constraint = settings.constraint
     return SamplingParams(
         max_tokens=settings.max_new_tokens,
         temperature=settings.temperature if sampled else 0.0,
@@ -273,17 +272,14 @@ def sampling_params(settings: SamplingSettings, eos_id: int) -> Any:
         ignore_eos=settings.ignore_eos,
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
-        structured_outputs=None if constraint is None else StructuredOutputsParams(grammar=_ebnf(constraint)),
+        structured_outputs=None if grammar is None else StructuredOutputsParams(grammar=grammar),
     )
-
-
-@functools.lru_cache(maxsize=256)
-def _ebnf(constraint: Constraint) -> str:
-    return ebnf(constraint)  # vLLM caches the compiled grammar by this text
 
 
 def _build_llm_engine(args: dict[str, Any]) -> Any:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: see above
+    # vLLM keeps the grammars it compiled by their text, up to 512 MB unless told: the budget ours has.
+    os.environ.setdefault("VLLM_XGRAMMAR_CACHE_MB", str(GRAMMAR_CACHE_BYTES // 2**20))
     from vllm import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine
 
