@@ -15,6 +15,7 @@ from azureml_inference_server_http.api.aml_response import AMLResponse
 
 from mixtral_endpoint.doors.mlflow_model.pyfunc import load_scorer
 from mixtral_endpoint.doors.openai import routes as openai_routes
+from mixtral_endpoint.doors.openai import tokenization
 from mixtral_endpoint.doors.score import serving as score_api
 from mixtral_endpoint.protocol.config import ServerConfig
 from mixtral_endpoint.protocol.errors import InvalidRequest, ModelNotReady, ScoringError, as_scoring_error
@@ -40,6 +41,7 @@ def init() -> None:
     scorer.engine.on_death.append(_exit_worker)
     # The OpenAI / Azure AI Model Inference routes: azmlinfsrv registers its blueprint after init().
     openai_routes.register(routes.main_blueprint, lambda: scorer)
+    tokenization.register(routes.main_blueprint, lambda: scorer)
 
 
 def _exit_worker(error: BaseException) -> None:

@@ -34,16 +34,19 @@ class PromptTokenizer:
         self.eos_id: int = self._sp.eos_id
         self.vocab_size: int = self._sp.n_words
 
-    def encode_chat(self, conversation: Sequence[Message]) -> list[int]:
+    def encode_chat(self, conversation: Sequence[Message], *, param: str | None = None) -> list[int]:
+        """The conversation's ids; a conversation mistral-common refuses is an InvalidRequest naming `param`."""
         messages = [_MESSAGE_TYPES[m.role](content=m.content) for m in conversation]
         try:
             return self._mistral.encode_chat_completion(ChatCompletionRequest(messages=messages)).tokens
         except MistralCommonException as exc:
-            raise InvalidRequest(f"the conversation was refused by the tokenizer: {exc}",
-                                 param="input_data.input_string") from None
+            raise InvalidRequest(f"the conversation was refused by the tokenizer: {exc}", param=param) from None
 
-    def encode_text(self, text: str) -> list[int]:
-        return self._sp.encode(text, bos=True, eos=False)
+    def encode_text(self, text: str, *, bos: bool = True) -> list[int]:
+        return self._sp.encode(text, bos=bos, eos=False)
+
+    def piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(token_id)
 
     def pieces(self) -> list[str]:
         """Every token's SentencePiece piece, by id (byte-fallback pieces as `<0xNN>`): what xgrammar reads."""

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from mixtral_endpoint.engines.choice import load_engine
-from mixtral_endpoint.engines.engine import Engine, Row
+from mixtral_endpoint.engines.engine import RETRY_AFTER_DEATH_S, Engine, Row
 from mixtral_endpoint.engines.grammar import Grammars, ebnf
 from mixtral_endpoint.model.checkpoint import inspect_checkpoint
 from mixtral_endpoint.model.tokenizer import PromptTokenizer
-from mixtral_endpoint.protocol.config import MODEL_NAME, ServerConfig
+from mixtral_endpoint.protocol.config import DEADLINE_GRACE_S, MODEL_NAME, ServerConfig
 from mixtral_endpoint.protocol.constraints import Constraint
 from mixtral_endpoint.protocol.errors import (
     ContextLengthExceeded,
@@ -48,7 +48,6 @@ from mixtral_endpoint.serving.safety import CHUNK_CHARS, STREAM_WINDOW_CHARS, Sc
 
 log = logging.getLogger(__name__)
 
-_GRACE_S = 30.0  # past a row's deadline, a wait this much longer means the engine is stuck
 _PLAIN_ID = re.compile(r"[\w.:/+-]{1,200}", re.ASCII)
 _CONTEXT_TOKENS = 8  # prompt tokens decoded before a completion, so its leading space survives
 
@@ -106,6 +105,13 @@ class Scorer:
             if close is not None:
                 close()
 
+    def health(self) -> ModelNotReady | None:
+        """None while the engine can serve; else why not. A stalled engine is a dead one (engine.py)."""
+        if self.engine.dead is not None:
+            return ModelNotReady("the engine died or stalled and this worker is being replaced; retry shortly",
+                                 retry_after=RETRY_AFTER_DEATH_S)
+        return None
+
     def read_json(self, body: BinaryIO, *, declared_length: int | None = None) -> Any:
         """A request body as a door receives it: the size cap, then JSON. A body whose declared length
         is over the cap is refused before a byte of it is read, and none is read past the cap
@@ -158,15 +164,19 @@ class Scorer:
             raise
         return rows, texts, sink
 
-    def _encode(self, request: ScoringRequest) -> list[list[int]]:
-        """The prompts' token ids; with the guardrail prompt where the request or server asks."""
+    def encode(self, request: ScoringRequest) -> list[list[int]]:
+        """The prompts' token ids, exactly as generation takes them: with the guardrail prompt where the request
+        or the server asks."""
         if request.conversation is not None:
             safe = self.config.safe_prompt if request.safe_prompt is None else request.safe_prompt
             conversation = with_guardrail(request.conversation) if safe else request.conversation
-            prompts = [self.tokenizer.encode_chat(conversation)]
-        else:
-            assert request.prompts is not None
-            prompts = [self.tokenizer.encode_text(p) for p in request.prompts]
+            return [self.tokenizer.encode_chat(conversation, param=request.fields.input)]
+        assert request.prompts is not None
+        return [self.tokenizer.encode_text(p) for p in request.prompts]
+
+    def _encode(self, request: ScoringRequest) -> list[list[int]]:
+        """The prompts' token ids, each checked against the context window with max_new_tokens."""
+        prompts = self.encode(request)
         wanted = request.settings.max_new_tokens
         for i, ids in enumerate(prompts):
             if len(ids) + wanted > self.max_total_tokens:
@@ -213,7 +223,7 @@ class Scorer:
         text_of = {id(row): text for row, text in zip(rows, texts, strict=True)}
         open_rows = {id(row) for row in rows}
         expiry = min(row.deadline or math.inf for row in rows)  # rows still waiting in the line end then
-        deadline = max(row.deadline or 0.0 for row in rows) + _GRACE_S
+        deadline = max(row.deadline or 0.0 for row in rows) + DEADLINE_GRACE_S
         try:
             while open_rows:
                 try:
@@ -246,6 +256,10 @@ class Scorer:
                         self.line.cancel([row])
                         open_rows.discard(id(row))
                 yield text.take(final=id(row) not in open_rows)
+        except ScoringError as exc:
+            if exc.status >= 500:  # vLLM's finished_reason "error": every row of a request the server failed
+                self.metrics.record(rows, [len(r.tokens) for r in rows], ["error"] * len(rows), time.monotonic())
+            raise
         finally:
             self.line.cancel(rows)  # a caller that went away, or a failed neighbour: stop at the next step
 
@@ -267,7 +281,7 @@ class Scorer:
                         window = min(2 * window, CHUNK_CHARS)
                         yield piece
         except GeneratorExit:  # the caller went away; _follow has cancelled the row
-            row.done.wait(timeout=_GRACE_S)
+            row.done.wait(timeout=DEADLINE_GRACE_S)
             log.info("request=%s engine=%s cancelled: the caller went away; generation stopped after %d tokens "
                      "(max_new_tokens %d)", _logged(request_id), self.engine.name, len(row.tokens),
                      request.settings.max_new_tokens)
