@@ -168,7 +168,7 @@ def test_schemas_openai_describes_response_format_and_tool_call_answers():
     from jsonschema import Draft202012Validator
 
     from mixtral_endpoint.protocol.constraints import RESPONSE_FORMAT_SCHEMA
-    from mixtral_endpoint.protocol.request import load_schema
+    from mixtral_endpoint.protocol.validation import load_schema
 
     openai = load_schema("openai")
     assert openai["$defs"]["response_format"] == RESPONSE_FORMAT_SCHEMA  # one fact: protocol/constraints.py's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -13,8 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from mixtral_endpoint.protocol.errors import InvalidRequest
-from mixtral_endpoint.protocol.request import RequestLimits, load_schema, parse_json, parse_request
+from mixtral_endpoint.doors.openai import protocol as openai_protocol
+from mixtral_endpoint.doors.score.protocol import parse_request
+from mixtral_endpoint.protocol.errors import InvalidRequest, ScoringError
+from mixtral_endpoint.protocol.request import RequestLimits
+from mixtral_endpoint.protocol.validation import load_schema, parse_json
+from mixtral_endpoint.serving.service import Scorer
 from tests.localserver import LocalServer
 
 from .conftest import SERVER_ENV
@@ -44,7 +49,38 @@ requests_like = st.fixed_dictionaries(
     optional={"parameters": st.dictionaries(parameter_names, json_values | st.integers(-5, 100), max_size=5),
               "id": json_values},
 )
+# Well-formed constraints, deep and huge: each is served, or refused with a 400 naming its limit; never a
+# RecursionError (a schema 200 deep was one) or a grammar that can match nothing.
+_WRAPS = [
+    lambda s: {"type": "object", "properties": {"a": s}, "required": ["a"]},
+    lambda s: {"type": "array", "items": s, "maxItems": 2},
+    lambda s: {"anyOf": [s, {"type": "null"}]},
+    lambda s: {"type": "array", "prefixItems": [s, {"type": "string", "maxLength": 2}], "items": False},
+]  # no $ref: a schema whose only answer is itself ({"$ref": "#"}) is a 500 on both engines (a grammar of no text)
+_leaves = st.sampled_from([{"type": "integer", "minimum": 0, "maximum": 9}, {"enum": ["😀", "🚀", "☃"]},
+                           {"const": None}, {"type": "boolean"}])
+deep_schemas = st.builds(lambda wraps, leaf: functools.reduce(lambda s, w: _WRAPS[w](s), wraps, leaf),
+                         st.integers(0, 300).flatmap(lambda n: st.lists(st.integers(0, len(_WRAPS) - 1), min_size=n,
+                                                                         max_size=n)), _leaves)
+huge_schemas = st.builds(lambda n, word: {"enum": [f"{word}{i}" for i in range(n)]}, st.integers(1, 5000),
+                         st.text(max_size=4))
+_texts = st.builds(lambda text, n: text * n,  # emoji and the rest of Unicode, up to past MAX_CHOICE_CHARS
+                   st.text(st.characters(min_codepoint=0x1F300, max_codepoint=0x1FAFF) | st.characters(), min_size=1,
+                           max_size=3), st.integers(1, 120))
+response_formats = st.one_of(
+    (deep_schemas | huge_schemas).map(lambda schema: {"type": "json_schema", "json_schema": {"schema": schema}}),
+    st.builds(lambda piece, n: {"type": "regex", "regex": piece * n},
+              st.sampled_from(["a", "[a-z]", "(x|y)", "😀", "\\d{1,3}", "\ud800"]), st.integers(1, 1500)),
+    st.lists(_texts, min_size=1, max_size=300).map(lambda choices: {"type": "choice", "choice": choices}),
+    st.just({"type": "choice", "choice": ["a", "\ud83d"]}),  # a lone surrogate, which no text holds
+)
+constrained = response_formats.map(lambda response_format: {"input_data": {"input_string": ["hi"]}, "parameters": {
+    "response_format": response_format, "max_new_tokens": 1}})
+many_tools = st.builds(lambda n, schema: [{"type": "function", "function": {"name": f"f{i}", "parameters": schema}}
+                                          for i in range(n)], st.integers(0, 200), deep_schemas | huge_schemas)
+
 bodies = (requests_like.map(json.dumps).map(str.encode) | json_values.map(json.dumps).map(str.encode)
+          | constrained.map(json.dumps).map(str.encode)
           | st.binary(max_size=200) | st.sampled_from([b"", b"{", b'{"a": NaN}', b"[" * 5000, b"\xef\xbb\xbf{}"]))
 
 
@@ -65,6 +101,26 @@ def test_protocol_answers_every_body_with_a_request_or_a_400(body: bytes):
     else:
         assert (request.conversation is None) != (request.prompts is None)
         assert 1 <= request.settings.max_new_tokens <= LIMITS.max_new_tokens
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(tools=many_tools)
+def test_any_number_and_depth_of_tools_is_a_request_or_a_400(tools: list):
+    try:
+        openai_protocol.parse({"messages": [{"role": "user", "content": "hi"}], "tools": tools}, "chat", LIMITS,
+                              extra_parameters=None)
+    except InvalidRequest as exc:
+        assert exc.status == 400 and exc.param is not None and exc.param.startswith("tools"), exc.param
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(payload=constrained)
+def test_the_core_serves_or_refuses_with_a_4xx_every_deep_or_huge_constraint(any_scorer: Scorer, payload: dict):
+    """Through the grammar compilers too: ours and vLLM's."""
+    try:
+        any_scorer.complete(parse_request(payload, any_scorer.config.limits), "fuzz")
+    except ScoringError as exc:
+        assert 400 <= exc.status < 500, exc.message
 
 
 @pytest.fixture(scope="module")
