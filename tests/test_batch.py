@@ -70,40 +70,9 @@ spec = importlib.util.spec_from_file_location("batch_score", sys.argv[1])
 entry = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(entry)
 entry.init()
-print(json.dumps({"engine": entry.scorer.engine.name, "rows": entry.run(sys.argv[2:])}))
-"""
-
-
-@pytest.mark.parametrize("engine", ENGINES)
-def test_azure_batch_entry_script_returns_one_row_per_line(azureml_models: Path, inputs: list[Path], engine: str):
-    """In its own process, as Azure runs it (and as vLLM needs: one engine per process)."""
-    defaults = write_jsonl(inputs[0].parent / "defaults.jsonl", [
-        {"input_data": {"input_string": ["Once upon a time"]}, "parameters": {"ignore_eos": True}},
-        {"input_data": {"input_string": ["hi"]}, "parameters": {"max_new_tokens": 65}},
-        {"input_data": {"input_string": ["hi"]}, "parameters": {"stream": True}},
-    ])
-    env = {**os.environ, **SERVER_ENV, "AZUREML_MODEL_DIR": str(azureml_models), "MIXTRAL_ENGINE": engine}
-    done = subprocess.run([sys.executable, "-c", ENTRY, str(ROOT / "batch_score.py"), *map(str, [*inputs, defaults])],
-                          env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    answer = json.loads(done.stdout.strip().splitlines()[-1])
-    rows = [json.loads(r) for r in answer["rows"]]
-    assert answer["engine"] == engine and len(rows) == 15
-    assert sum("error" in r for r in rows) == 7 and sum("response" in r for r in rows) == 8
-    by_line = {r["line"]: r for r in rows if r["file"] == str(defaults)}
-    # The server's default and cap for max_new_tokens (SERVER_ENV: 16 and 64), as on /score and MLflow.
-    assert by_line[1]["response"][0]["usage"]["completion_tokens"] == int(SERVER_ENV["MIXTRAL_DEFAULT_MAX_NEW_TOKENS"])
-    assert "at most 64" in by_line[2]["error"]["message"]
-    assert by_line[3]["error"]["param"] == "parameters.stream" and by_line[3]["error"]["status"] == 400
-
-
-POISONED_ENTRY = """
-import importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("batch_score", sys.argv[1])
-entry = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(entry)
-entry.init()
-# A test hook from outside the product: while `poisoned`, every forward pass raises, as a GPU after an
+first = entry.scorer
+rows = entry.run(sys.argv[3:])
+# Then a test hook from outside the product: while `poisoned`, every forward pass raises, as a GPU after an
 # "illegal memory access" does until its process ends.
 from transformers.models.mixtral import modeling_mixtral
 classes = [modeling_mixtral.MixtralForCausalLM]
@@ -119,32 +88,45 @@ def poisonable(forward):
     return maybe_poisoned
 for cls in classes:
     cls.forward = poisonable(cls.forward)
-first = entry.scorer
 try:
-    entry.run(sys.argv[2:])
+    entry.run([sys.argv[2]])
     raised = None
 except Exception as exc:
     raised = type(exc).__name__
 poisoned[0] = False  # the retry runs where the device is healthy again
-rows = entry.run(sys.argv[2:])
-print(json.dumps({"raised": raised, "dead": first.engine.dead is not None, "fresh": entry.scorer is not first,
-                  "rows": rows}))
+retried = entry.run([sys.argv[2]])
+print(json.dumps({"engine": first.engine.name, "rows": rows, "raised": raised, "dead": first.engine.dead is not None,
+                  "fresh": entry.scorer is not first, "retried": retried}))
 """
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_a_mini_batch_whose_engine_dies_raises_and_its_retry_scores_every_line(
-        azureml_models: Path, tmp_path: Path, engine: str):
-    """Azure ML retries a mini-batch only when run() raises: a dead engine's 503s must not become error rows
-    (they did: run() returned normally with one error row per line). The retry gets a fresh engine."""
-    source = write_jsonl(tmp_path / "in.jsonl", [request(i) for i in range(12)])
+def test_azure_batch_entry_script_returns_one_row_per_line_and_raises_on_a_dead_engine(
+        azureml_models: Path, inputs: list[Path], engine: str):
+    """In its own process, as Azure runs it (and as vLLM needs: one engine per process). A bad line is an error
+    row; a dead engine makes run() raise, since Azure ML retries a mini-batch only then (its 503s used to become
+    error rows, and run() returned normally), and the retry scores every line on a fresh engine."""
+    defaults = write_jsonl(inputs[0].parent / "defaults.jsonl", [
+        {"input_data": {"input_string": ["Once upon a time"]}, "parameters": {"ignore_eos": True}},
+        {"input_data": {"input_string": ["hi"]}, "parameters": {"max_new_tokens": 65}},
+        {"input_data": {"input_string": ["hi"]}, "parameters": {"stream": True}},
+    ])
+    retried = write_jsonl(inputs[0].parent / "retried.jsonl", [request(i) for i in range(12)])
     env = {**os.environ, **SERVER_ENV, "AZUREML_MODEL_DIR": str(azureml_models), "MIXTRAL_ENGINE": engine}
-    done = subprocess.run([sys.executable, "-c", POISONED_ENTRY, str(ROOT / "batch_score.py"), str(source)],
-                          env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run([sys.executable, "-c", ENTRY, str(ROOT / "batch_score.py"), str(retried),
+                           *map(str, [*inputs, defaults])], env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     answer = json.loads(done.stdout.strip().splitlines()[-1])
-    assert answer["raised"] is not None and answer["dead"] and answer["fresh"]
     rows = [json.loads(r) for r in answer["rows"]]
+    assert answer["engine"] == engine and len(rows) == 15
+    assert sum("error" in r for r in rows) == 7 and sum("response" in r for r in rows) == 8
+    by_line = {r["line"]: r for r in rows if r["file"] == str(defaults)}
+    # The server's default and cap for max_new_tokens (SERVER_ENV: 16 and 64), as on /score and MLflow.
+    assert by_line[1]["response"][0]["usage"]["completion_tokens"] == int(SERVER_ENV["MIXTRAL_DEFAULT_MAX_NEW_TOKENS"])
+    assert "at most 64" in by_line[2]["error"]["message"]
+    assert by_line[3]["error"]["param"] == "parameters.stream" and by_line[3]["error"]["status"] == 400
+    assert answer["raised"] is not None and answer["dead"] and answer["fresh"]
+    rows = [json.loads(r) for r in answer["retried"]]
     assert sorted(r["line"] for r in rows) == list(range(1, 13)) and all("response" in r for r in rows)
 
 
