@@ -250,3 +250,13 @@ def test_a_schema_at_the_depth_limit_is_checked_with_the_stack_a_server_thread_h
     from_deep_stack(300)
     with pytest.raises(InvalidRequest):
         check_schema(nested(MAX_SCHEMA_DEPTH // 2), "s")
+
+
+def test_a_required_property_the_schema_does_not_declare_is_refused():
+    """xgrammar drops `required` for an undeclared property, so `{}` would answer a schema it fails."""
+    schema = {"type": "object", "properties": {"b": {"type": "string"}}, "required": ["a"]}
+    with pytest.raises(InvalidRequest) as caught:
+        check_schema({"type": "object", "properties": {"x": schema}}, "response_format.json_schema.schema")
+    assert caught.value.param == "response_format.json_schema.schema.properties.x"
+    assert "'required of a property that properties does not declare'" in caught.value.message
+    check_schema({**schema, "properties": {"a": {"type": "string"}}}, "s")  # declared: served

@@ -159,6 +159,9 @@ def _dropped_keyword(schema: Any, where: str) -> tuple[str, str] | None:
             return where, keyword
     if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
         return where, "allOf"  # xgrammar keeps one of them
+    declared = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    if isinstance(schema.get("required"), list) and any(name not in declared for name in schema["required"]):
+        return where, "required of a property that properties does not declare"  # xgrammar drops it
     ref = schema.get("$ref")
     if isinstance(ref, str) and not ref.startswith("#"):
         return where, "$ref"  # a remote reference: nothing here fetches it
