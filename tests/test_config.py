@@ -47,6 +47,9 @@ def test_values_are_parsed_by_type():
     ({"MIXTRAL_REQUEST_TIMEOUT_S": "inf"}, "MIXTRAL_REQUEST_TIMEOUT_S must be a finite number > 0, got inf"),
     ({"MIXTRAL_REQUEST_TIMEOUT_S": "nan"}, "MIXTRAL_REQUEST_TIMEOUT_S must be a finite number > 0, got nan"),
     ({"MIXTRAL_REQUEST_TIMEOUT_S": "-inf"}, "MIXTRAL_REQUEST_TIMEOUT_S must be a finite number > 0"),
+    ({"MIXTRAL_STALL_TIMEOUT_S": "-1"}, "MIXTRAL_STALL_TIMEOUT_S must be a finite number >= 0, got -1"),
+    ({"MIXTRAL_STALL_TIMEOUT_S": "inf"}, "MIXTRAL_STALL_TIMEOUT_S must be a finite number >= 0, got inf"),
+    ({"MIXTRAL_STALL_TIMEOUT_S": "nan"}, "MIXTRAL_STALL_TIMEOUT_S must be a finite number >= 0"),
     ({"MIXTRAL_MAX_TOTAL_TOKENS": "-1"}, "MIXTRAL_MAX_TOTAL_TOKENS must be >= 0"),
     # Limits that contradict each other: every request relying on the default would be a 400.
     ({"MIXTRAL_MAX_TOTAL_TOKENS": "200"}, r"MIXTRAL_MAX_TOTAL_TOKENS \(200\) leaves no room .* \(256\)"),
@@ -65,6 +68,15 @@ def test_values_are_parsed_by_type():
 def test_bad_values_name_the_variable(env: dict[str, str], words: str):
     with pytest.raises(ConfigError, match=words):
         ServerConfig.from_env(env)
+
+
+@pytest.mark.parametrize(("env", "limit"), [
+    ({}, 200.0),  # the deadline and its grace: by then every row of a step that long has failed anyway
+    ({"MIXTRAL_REQUEST_TIMEOUT_S": "60"}, 90.0),
+    ({"MIXTRAL_STALL_TIMEOUT_S": "20"}, 20.0),
+])
+def test_a_step_stalls_after_the_deadline_and_its_grace_unless_set(env: dict[str, str], limit: float):
+    assert ServerConfig.from_env(env).stall_limit_s == limit
 
 
 @pytest.mark.parametrize(("env", "cap", "default"), [

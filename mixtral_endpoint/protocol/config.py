@@ -15,6 +15,7 @@ MODEL_NAME = "mixtral-8x7b"  # the served model's name: the OpenAI routes' model
 DEFAULT_MAX_NEW_TOKENS = 256  # a request's max_new_tokens when neither it nor the server sets one
 DEFAULT_BATCH_SIZE = 8  # rows stepped together on our engine, and on vLLM without a GPU, when none is set
 MAX_NUM_SEQS = 256  # the most rows vLLM steps at once when the plan chooses (its own default on an A100)
+DEADLINE_GRACE_S = 30.0  # past a row's deadline, a wait this much longer means the engine is stuck
 # Settings that take one of a fixed set of values: anything else is a start-up error naming them.
 CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("auto", "bfloat16", "float16", "float32"),
@@ -52,6 +53,9 @@ class ServerConfig:
     max_batch_size: int = 0
     max_queue: int = 16  # rows waiting for a place in the batch; past it, 429
     request_timeout_s: float = 170.0  # per-request deadline, below Azure's 180 s request_timeout_ms
+    # A step of the engine that has not returned after this long is a stall: the engine dies and the worker is
+    # replaced. 0: request_timeout_s + DEADLINE_GRACE_S, by when every row in that step has failed anyway.
+    stall_timeout_s: float = 0.0
     # vLLM's engine (MIXTRAL_ENGINE=vllm); the checkpoint's own quantization config is read by vLLM.
     gpu_memory_utilization: float = 0.0  # share of each GPU vLLM takes; 0: 0.9, or MIXTRAL_MAX_GPU_MEMORY's share
     tensor_parallel_size: int = 0  # GPUs the weights are split over; 0: every visible GPU
@@ -82,6 +86,8 @@ class ServerConfig:
                 _refuse(f"{_var(name)} must be >= 0, got {getattr(self, name)}")
         if not (0 < self.request_timeout_s < math.inf):  # also refuses nan, which every comparison fails
             _refuse(f"{_var('request_timeout_s')} must be a finite number > 0, got {self.request_timeout_s}")
+        if not (0 <= self.stall_timeout_s < math.inf):
+            _refuse(f"{_var('stall_timeout_s')} must be a finite number >= 0, got {self.stall_timeout_s}")
         if not (0 <= self.gpu_memory_utilization <= 1):
             _refuse(f"{_var('gpu_memory_utilization')} must be in [0, 1], got {self.gpu_memory_utilization}")
         if self.gpu_memory_utilization and self.max_gpu_memory:
@@ -124,6 +130,11 @@ class ServerConfig:
         """The vLLM-only settings this config sets, by variable name."""
         default = type(self)()
         return [_var(name) for name in VLLM_ONLY if getattr(self, name) != getattr(default, name)]
+
+    @property
+    def stall_limit_s(self) -> float:
+        """How long one engine step may run before the engine counts as stalled."""
+        return self.stall_timeout_s or self.request_timeout_s + DEADLINE_GRACE_S
 
     @property
     def limits(self) -> RequestLimits:
