@@ -1,6 +1,6 @@
-"""The engine's lifecycle: a fault that persists is its death, waiting rows can end behind a full batch,
-a failed join never shows a caller a first token twice, close never frees a model under a running step,
-a dead vLLM engine is never shared, and a scorer let go frees its model."""
+"""The engine's lifecycle: a fault that persists is its death, so is a step stalled past the limit, waiting
+rows can end behind a full batch, a failed join never shows a caller a first token twice, close never frees a
+model under a running step, a dead vLLM engine is never shared, and a scorer let go frees its model."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from mixtral_endpoint.doors.openai import protocol as openai_protocol
 from mixtral_endpoint.doors.openai import routes as openai_routes
 from mixtral_endpoint.engines import vllm_engine
-from mixtral_endpoint.engines.engine import RETRY_AFTER_DEATH_S, EngineThread, Row
+from mixtral_endpoint.engines.engine import RETRY_AFTER_DEATH_S, EngineStalled, EngineThread, Row
 from mixtral_endpoint.engines.transformers.transformers_engine import TransformersEngine
 from mixtral_endpoint.engines.vllm_engine import VllmEngine
 from mixtral_endpoint.model.checkpoint import Checkpoint
@@ -207,6 +207,136 @@ def test_close_never_frees_the_model_under_a_step_that_still_runs():
     engine.release.set()
     engine._thread.join(10)
     assert engine.model is None  # freed by the engine thread once its step ended
+
+
+class SteppingEngine(EngineThread):
+    """An engine whose step is the test's: it takes the rows waiting, then calls `step(rows)`, over and over."""
+
+    name = "stepping"
+
+    def __init__(self, step: Callable[[list[Row]], None]) -> None:
+        self.step = step
+        self.running: list[Row] = []
+        super().__init__(lambda: None, thread_name="stepping-engine")
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._inbox and not self.running and not self._closing:
+                    self._wake.wait()
+                if self._closing:
+                    return
+                self.running += self._inbox
+                self._inbox.clear()
+            with self._stepping():
+                self.step(self.running)
+
+    def _drop_in_flight(self) -> list[Row]:
+        rows, self.running = self.running, []
+        return rows
+
+    def _unload(self) -> None:
+        pass
+
+
+def test_a_step_stalled_past_the_limit_kills_the_engine_and_answers_every_row_at_once():
+    """The engine's thread stays blocked; its watchdog fails the rows in the step and in the inbox, refuses
+    later submits with a 503 and calls on_death, so that the worker exits."""
+    release, steps = threading.Event(), []
+
+    def step(rows: list[Row]) -> None:
+        steps.append(list(rows))
+        release.wait(30)
+
+    engine = SteppingEngine(step)
+    deaths: list[BaseException] = []
+    engine.on_death.append(deaths.append)
+    engine.watch(0.3)
+    running = Row([1, 2, 3], LONG)
+    submitted_at = time.monotonic()
+    engine.submit([running])
+    wait_until(lambda: engine.running == [running])
+    waiting = Row([1, 2, 3], LONG)
+    engine.submit([waiting])
+    assert running.done.wait(5) and waiting.done.wait(5)
+    assert 0.3 <= time.monotonic() - submitted_at < 2
+    assert isinstance(running.error, EngineStalled) and waiting.error is running.error
+    assert engine.dead is running.error and deaths == [running.error]
+    with pytest.raises(ModelNotReady) as refused:
+        engine.submit([Row([1], LONG)])
+    assert refused.value.retry_after == RETRY_AFTER_DEATH_S
+    release.set()  # a step that returns after all: the loop ends, nothing runs again
+    engine._thread.join(5)
+    assert not engine._thread.is_alive() and steps == [[running]]
+
+
+def test_steps_under_the_limit_and_idle_time_longer_than_it_are_no_stall():
+    def step(rows: list[Row]) -> None:
+        time.sleep(0.05)
+        for row in list(rows):
+            row.emit(7, time.monotonic(), len(rows))
+            if len(row.tokens) == 10:
+                rows.remove(row)
+                row.finish("length")
+
+    engine = SteppingEngine(step)
+    engine.watch(0.2)
+    time.sleep(0.5)  # idle, with nothing to step
+    row = Row([1, 2, 3], LONG)
+    engine.submit([row])  # ten steps of 0.05 s: half a second of steps, each under the limit
+    assert row.done.wait(10) and row.finish_reason == "length" and engine.dead is None
+    engine.close()
+    assert not engine._thread.is_alive() and not engine._watchdog.is_alive()
+
+
+def test_a_forward_pass_that_blocks_is_a_stall_on_our_engine(engine: TransformersEngine):
+    deaths: list[BaseException] = []
+    engine.on_death.append(deaths.append)
+    armed, release = threading.Event(), threading.Event()
+
+    def blocking(forward: Callable[..., object]) -> Callable[..., object]:
+        def maybe(*args: object, **kwargs: object) -> object:
+            if armed.is_set():
+                release.wait(30)
+            time.sleep(0.02)
+            return forward(*args, **kwargs)
+        return maybe
+
+    patch_forward(engine, blocking)
+    engine.watch(0.5)
+    row = Row([1, 2, 3], LONG)
+    engine.submit([row])
+    wait_until(lambda: len(row.tokens) >= 2)  # prefill and decode steps under the limit
+    armed.set()
+    assert row.done.wait(10) and isinstance(row.error, EngineStalled) and deaths == [row.error]
+    with pytest.raises(ModelNotReady):
+        engine.submit([Row([1], LONG)])
+    release.set()
+
+
+class StallingLLM(DyingLLM):
+    """vLLM's LLMEngine whose step blocks until the test lets it (a hung GPU, a collective waiting on a dead peer)."""
+
+    release = threading.Event()
+
+    def step(self) -> list:
+        self.release.wait(30)
+        return []
+
+
+def test_a_vllm_step_that_blocks_is_a_stall():
+    engine = VllmEngine(StallingLLM, eos_id=2, context_window=512, vocab_size=32000, max_num_seqs=8)
+    deaths: list[BaseException] = []
+    engine.on_death.append(deaths.append)
+    engine.watch(0.3)
+    row = Row([1, 2, 3], SamplingSettings(max_new_tokens=4))
+    engine.submit([row])
+    assert row.done.wait(10) and isinstance(row.error, EngineStalled) and deaths == [row.error]
+    with pytest.raises(ModelNotReady):
+        engine.submit([Row([1], LONG)])
+    StallingLLM.release.set()
+    engine._thread.join(5)
+    assert not engine._thread.is_alive()
 
 
 def test_a_dead_vllm_engine_is_not_handed_to_the_next_load(checkpoint: Checkpoint, monkeypatch: pytest.MonkeyPatch):

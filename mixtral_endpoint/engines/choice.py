@@ -42,16 +42,20 @@ def choose_engine(wanted: str, *, gpus: int, vllm_installed: bool) -> EngineChoi
 
 
 def load_engine(checkpoint: Checkpoint, config: ServerConfig) -> Engine:
-    """Loads the engine the config asks for; the log names it and why."""
+    """Loads the engine the config asks for, its steps watched for stalls; the log names it and why."""
     import torch
 
     choice = choose_engine(config.engine, gpus=torch.cuda.device_count(),
                            vllm_installed=importlib.util.find_spec("vllm") is not None)
     log.info("engine: %s (%s)", choice.name, choice.why)
+    engine: Engine
     if choice.name == "vllm":
         from mixtral_endpoint.engines.vllm_engine import VllmEngine
 
-        return VllmEngine.load(checkpoint, config)
-    from mixtral_endpoint.engines.transformers.transformers_engine import TransformersEngine
+        engine = VllmEngine.load(checkpoint, config)
+    else:
+        from mixtral_endpoint.engines.transformers.transformers_engine import TransformersEngine
 
-    return TransformersEngine.load(checkpoint, config)
+        engine = TransformersEngine.load(checkpoint, config)
+    engine.watch(config.stall_limit_s)
+    return engine

@@ -9,24 +9,28 @@ rendering stay in the core, so both engines answer the same API the same way.
 Two engines implement it: `TransformersEngine` (our continuous batching on transformers: the
 reference, and the CPU default) and `VllmEngine` (vLLM, for GPUs); `choice.py` chooses one.
 
-An engine that dies (an error out of its loop, or a fault that persists) fails every row in flight
-and calls `on_death`; it never serves again. What to do about it (end the worker) is the door's.
+An engine that dies (an error out of its loop, a fault that persists, or a step that has not returned
+within its stall limit) fails every row in flight and calls `on_death`; it never serves again. What to
+do about it (end the worker) is the door's.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import queue
+import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mixtral_endpoint.protocol.errors import ModelNotReady
-from mixtral_endpoint.protocol.sampling import Generation, SamplingSettings
+from mixtral_endpoint.protocol.sampling import Generation, SamplingSettings, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,10 @@ class Row:
     grammar: Any = None
     matcher: Any = None
     tokens: list[int] = field(default_factory=list)  # written by the engine thread only
+    # With settings.logprobs: one entry per token, written before the token is emitted; with
+    # settings.prompt_logprobs: one per prompt token (None for the first), written before the first token.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None  # stop | length | time_limit | cancelled | error
     error: BaseException | None = None
     cancelled: bool = False
@@ -71,7 +79,9 @@ class Row:
         return self.deadline is not None and now >= self.deadline
 
     # The engine's side.
-    def emit(self, token: int, now: float, batch: int) -> None:
+    def emit(self, token: int, now: float, batch: int, logprob: TokenLogprob | None = None) -> None:
+        if logprob is not None:
+            self.logprobs.append(logprob)
         self.tokens.append(token)
         self.first_token_at = self.first_token_at or now
         self.last_token_at = now
@@ -135,7 +145,8 @@ class Engine(Protocol):
     context_window: int  # prompt + new tokens of one row, at most
     eos_id: int
     capacity: Capacity
-    on_death: list[Callable[[BaseException], None]]  # each load's, called on the engine thread if it dies
+    # Each load's, called if the engine dies: on the engine thread, or on its watchdog's after a stall.
+    on_death: list[Callable[[BaseException], None]]
 
     @property
     def dead(self) -> BaseException | None:
@@ -149,8 +160,15 @@ class Engine(Protocol):
         """Starts generating for `rows`; they end through Row.finish or Row.fail, never silently.
         Raises ModelNotReady once the engine has died or is closing."""
 
+    def watch(self, stall_limit_s: float) -> None:
+        """From now on, a step that has not returned within `stall_limit_s` is the engine's death."""
+
     def close(self) -> None:
         """Ends every row still in flight (cancelled), stops the engine thread and frees the model."""
+
+
+class EngineStalled(RuntimeError):
+    """A step that has not returned within the stall limit (a hung device, a collective waiting on a dead peer)."""
 
 
 def device_lost(error: BaseException) -> bool:
@@ -164,7 +182,9 @@ def device_lost(error: BaseException) -> bool:
 class EngineThread:
     """What both engines share: one thread that loads the model and runs every step (on CPU, torch
     runs up to 1.5x slower in a thread other than the one that first used its OpenMP pool), an
-    inbox of submitted rows, a clean close, and a death that fails every row and calls `on_death`."""
+    inbox of submitted rows, a clean close, a death that fails every row and calls `on_death`, and a
+    watchdog that makes a step stalled past the limit that death (a blocked thread cannot be stopped,
+    nor its model freed: the worker's exit ends both)."""
 
     name: str
     close_timeout_s = 60.0  # a step longer than this is stuck: close leaves the model to the thread
@@ -176,6 +196,10 @@ class EngineThread:
         self._wake = threading.Condition()  # guards the inbox and the flags below
         self._closing = False
         self._dead: BaseException | None = None
+        self._step_started_at: float | None = None  # time.monotonic() while a step runs; read by the watchdog
+        self.stall_limit_s: float | None = None  # set by watch()
+        self._watchdog: threading.Thread | None = None
+        self._unwatched = threading.Event()  # set once closing or dead: the watchdog ends
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(load,), name=thread_name, daemon=True)
@@ -198,7 +222,21 @@ class EngineThread:
             self._inbox.extend(rows)
             self._wake.notify()
 
+    def watch(self, stall_limit_s: float) -> None:
+        assert stall_limit_s > 0, stall_limit_s
+        with self._wake:
+            if self._watchdog is not None:  # loads sharing a vLLM engine: the first load's limit holds
+                if stall_limit_s != self.stall_limit_s:
+                    log.warning("this engine's steps already stall after %g s; a later load's %g s is not applied",
+                                self.stall_limit_s, stall_limit_s)
+                return
+            self.stall_limit_s = stall_limit_s
+            self._watchdog = threading.Thread(target=self._watch, args=(stall_limit_s,),
+                                              name=f"{self._thread.name}-watchdog", daemon=True)
+        self._watchdog.start()
+
     def close(self) -> None:
+        self._unwatched.set()
         with self._wake:
             self._closing = True
             self._wake.notify()
@@ -210,7 +248,8 @@ class EngineThread:
                           self.name, self.close_timeout_s)
 
     def _loop(self) -> None:
-        """Runs until `_closing`; an exception out of it is the engine's death."""
+        """Runs until `_closing`; an exception out of it is the engine's death. Each step runs under
+        `_stepping()`, waits for work outside it."""
         raise NotImplementedError
 
     def _drop_in_flight(self) -> list[Row]:
@@ -232,15 +271,53 @@ class EngineThread:
         try:
             self._loop()
         except BaseException as exc:
-            log.critical("the %s engine died", self.name, exc_info=exc)
-            self._dead = exc
-            self._end_all(functools.partial(Row.fail, error=exc))
-            for on_death in self.on_death:
-                on_death(exc)
+            self._die(exc)
         else:
             self._end_all(functools.partial(Row.finish, reason="cancelled"))
         finally:
+            self._unwatched.set()
             self._unload()  # on this thread, once no step can run: nothing frees the model under one
+
+    @contextlib.contextmanager
+    def _stepping(self) -> Iterator[None]:
+        """Marks a step (a pass of the model, or a call into vLLM) for the watchdog."""
+        self._step_started_at = time.monotonic()
+        try:
+            yield
+        finally:
+            self._step_started_at = None
+
+    def _watch(self, limit: float) -> None:
+        """Sleeps until the step under way would pass the limit, then looks again: the same step still
+        running is a stall. It wakes once per limit at most while steps come and go."""
+        while True:
+            started, now = self._step_started_at, time.monotonic()
+            if started is not None and now - started >= limit:
+                # Where the thread is blocked is what an operator needs to tell a hung device from a deadlock.
+                frame = sys._current_frames().get(self._thread.ident or -1)
+                log.critical("the %s engine's step has run %.1f s, past its stall limit of %g s; its thread is "
+                             "blocked in:\n%s", self.name, now - started, limit,
+                             "".join(traceback.format_stack(frame)) if frame else "(unknown)")
+                self._die(EngineStalled(f"a step of the {self.name} engine has not returned in {now - started:.1f} "
+                                        f"s (the stall limit is {limit:g} s)"))
+                return
+            if self._unwatched.wait(limit if started is None else started + limit - now):
+                return
+
+    def _die(self, error: BaseException) -> None:
+        """The engine's death, once, whichever thread finds it (the engine's, or the watchdog's while the
+        engine's is blocked in a step): later submits are refused, every row fails, each load hears of it."""
+        with self._wake:
+            if self._dead is not None:
+                return
+            self._dead = error
+            self._closing = True  # a blocked step that returns after all ends the loop
+            self._wake.notify()
+        self._unwatched.set()
+        log.critical("the %s engine died", self.name, exc_info=error)
+        self._end_all(functools.partial(Row.fail, error=error))
+        for on_death in self.on_death:
+            on_death(error)
 
     def _end_all(self, end: Callable[[Row], None]) -> None:
         with self._wake:

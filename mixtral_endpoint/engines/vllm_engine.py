@@ -112,7 +112,8 @@ class VllmEngine(EngineThread):
 
     def _loop(self) -> None:
         while self._next():
-            self._step()
+            with self._stepping():
+                self._step()
 
     def _drop_in_flight(self) -> list[Row]:
         rows = list(self._rows.values())

@@ -9,7 +9,8 @@ Failures: a failed prefill is retried row by row, so only the row that fails is 
 decode step, or a failed join of newcomers to the batch, fails every row of the batch (their shared
 KV cache is then in an unknown state). After any failed pass the model runs a one-token probe: if
 that fails too, or the error says the device is lost, the fault persists and the engine dies. Its
-death (that, or any error outside a pass) fails every row in flight and calls `on_death`.
+death (that, any error outside a pass, or a pass that stalls past the limit) fails every row in flight
+and calls `on_death`.
 """
 
 from __future__ import annotations
@@ -89,15 +90,16 @@ class TransformersEngine(EngineThread):
     def _loop(self) -> None:
         while not self._closing:
             self._joining = self._admit()
-            if self._joining:
-                self._batch = self._prefill(self._batch, self._joining)
-                self._joining = []
-            if self._batch is not None:
-                try:
-                    self._batch = self.stepper.step(self._batch)
-                except Exception as exc:
-                    failed, self._batch = self._batch.rows, None
-                    self._failed(failed, exc)
+            with self._stepping():  # a prefill and a decode step, with the probe after a failure
+                if self._joining:
+                    self._batch = self._prefill(self._batch, self._joining)
+                    self._joining = []
+                if self._batch is not None:
+                    try:
+                        self._batch = self.stepper.step(self._batch)
+                    except Exception as exc:
+                        failed, self._batch = self._batch.rows, None
+                        self._failed(failed, exc)
 
     def _prefill(self, batch: Batch | None, rows: list[Row]) -> Batch | None:
         """Adds `rows` to the batch; if their joint prefill fails, retries them one by one, so only
