@@ -35,8 +35,10 @@ def register(blueprint: flask.Blueprint, scorer: Callable[[], Scorer | None]) ->
                                lambda route=route: _completion(route, scorer()), methods=["POST"])
     blueprint.add_url_rule("/v1/models", "openai_models", lambda: _models(scorer()), methods=["GET"])
     blueprint.add_url_rule("/info", "azure_model_info", lambda: _json(openai.MODEL_INFO), methods=["GET"])
-    # Prometheus's scrape, beside them: vLLM's metric names, from the core (serving/metrics.py).
+    # Prometheus's scrape and vLLM's health route, beside them: vLLM's metric names, from the core
+    # (serving/metrics.py); azmlinfsrv's own `GET /` answers "Healthy" whatever the engine's state.
     blueprint.add_url_rule("/metrics", "prometheus_metrics", lambda: _metrics(scorer()), methods=["GET"])
+    blueprint.add_url_rule("/health", "engine_health", lambda: _health(scorer()), methods=["GET"])
 
 
 def _completion(route: openai.Route, scorer: Scorer | None) -> flask.Response:
@@ -85,6 +87,15 @@ def _metrics(scorer: Scorer | None) -> flask.Response:
     if scorer is None:
         return _json(openai.error_body(ModelNotReady("the model is still loading")), 503)
     return flask.Response(scorer.metrics.exposition(), content_type=CONTENT_TYPE)
+
+
+def _health(scorer: Scorer | None) -> flask.Response:
+    """200 with no body while the engine can serve, as vLLM's; 503 with Retry-After while the model loads, or
+    once the engine died or stalled (the worker is on its way out)."""
+    error = ModelNotReady("the model is still loading", retry_after=30) if scorer is None else scorer.health()
+    if error is None:
+        return flask.Response(status=200)
+    return _json(openai.error_body(error), error.status, error.headers())
 
 
 def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> flask.Response:
