@@ -1,18 +1,23 @@
 """GET /metrics on a real azmlinfsrv, on each engine: vLLM's names, types and labels, read with prometheus_client's
-own parser, and counts that equal what the responses reported."""
+own parser, and counts that equal what the responses reported; every series vLLM's Grafana dashboard reads has
+data, failed requests included (finished_reason="error")."""
 
 from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from mixtral_endpoint.doors.score import serving as score_api
 from mixtral_endpoint.engines.engine import Capacity, Row
+from mixtral_endpoint.protocol.errors import InternalError
 from mixtral_endpoint.protocol.sampling import SamplingSettings
 from mixtral_endpoint.serving.line import Line
 from mixtral_endpoint.serving.metrics import Metrics
+from mixtral_endpoint.serving.service import Scorer
 
 from .test_line import FakeEngine
 
@@ -58,11 +63,20 @@ def test_metrics_count_what_the_responses_reported(any_server):
     assert grew("vllm:request_success_total", finished_reason="length") == 6
     for histogram in ("vllm:request_prompt_tokens", "vllm:request_generation_tokens",
                       "vllm:e2e_request_latency_seconds", "vllm:time_to_first_token_seconds",
-                      "vllm:request_queue_time_seconds"):
+                      "vllm:request_queue_time_seconds", "vllm:request_prefill_time_seconds",
+                      "vllm:request_decode_time_seconds", "vllm:request_max_num_generation_tokens"):
         assert grew(f"{histogram}_count") == 6, histogram
-    assert grew("vllm:request_generation_tokens_sum") == sum(range(4, 10))
+    for tokens in ("vllm:request_generation_tokens", "vllm:request_max_num_generation_tokens"):  # n = 1: equal
+        assert grew(f"{tokens}_sum") == sum(range(4, 10))
+        assert grew(f"{tokens}_bucket", le="5.0") == 2  # 4 and 5 tokens; vLLM's 1-2-5 buckets
     assert grew("vllm:inter_token_latency_seconds_count") == sum(range(3, 9))  # a gap between each two tokens
-    assert grew("vllm:request_generation_tokens_bucket", le="5.0") == 2  # 4 and 5 tokens; vLLM's 1-2-5 buckets
+    # vLLM's phases add up: the wait in the line and the prefill make the time to first token; with the
+    # decode, the whole request (less the rendering after the last token).
+    queue, prefill = grew("vllm:request_queue_time_seconds_sum"), grew("vllm:request_prefill_time_seconds_sum")
+    decode = grew("vllm:request_decode_time_seconds_sum")
+    assert prefill > 0 and decode > 0
+    assert queue + prefill == pytest.approx(grew("vllm:time_to_first_token_seconds_sum"), abs=1e-6)
+    assert queue + prefill + decode <= grew("vllm:e2e_request_latency_seconds_sum")
     assert value(after, "vllm:num_requests_running") == value(after, "vllm:num_requests_waiting") == 0
     assert value(after, "vllm:kv_cache_usage_perc") == 0
 
@@ -87,3 +101,25 @@ def test_the_gauges_follow_the_line_while_it_is_busy_and_every_finish_reason_is_
 def exposed(metrics: Metrics) -> dict[tuple[str, tuple], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(metrics.exposition().decode()) for s in family.samples}
+
+
+def test_a_request_the_server_fails_counts_as_finished_reason_error(scorer: Scorer, monkeypatch: pytest.MonkeyPatch):
+    """vLLM's newer dashboard counts finished_reason="error": each row of a request answered with a 5xx."""
+    model = scorer.engine.stepper.model
+    forward, passes = model.forward, []
+
+    def fails_once(*args: object, **kwargs: object) -> object:
+        passes.append(True)
+        if len(passes) == 2:  # the first decode step of both rows (a failed prefill is retried row by row)
+            raise RuntimeError("one pass fails (a test hook)")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", fails_once)
+    before = exposed(scorer.metrics)
+    payload = {"input_data": {"input_string": ["Once upon a time", "The capital of France is"]},
+               "parameters": {"max_new_tokens": 4}}
+    with pytest.raises(InternalError):
+        score_api.score(scorer, payload)
+    after = exposed(scorer.metrics)
+    errors = value(after, "vllm:request_success_total", finished_reason="error")
+    assert errors - value(before, "vllm:request_success_total", finished_reason="error") == 2

@@ -72,22 +72,37 @@ class Metrics:
         self.queue_time = make(Histogram, "vllm:request_queue_time_seconds",
                                "Histogram of time spent in WAITING phase for request.",
                                buckets=REQUEST_LATENCY_BUCKETS).labels(**values)
+        self.prefill_time = make(Histogram, "vllm:request_prefill_time_seconds",
+                                 "Histogram of time spent in PREFILL phase for request.",
+                                 buckets=REQUEST_LATENCY_BUCKETS).labels(**values)
+        self.decode_time = make(Histogram, "vllm:request_decode_time_seconds",
+                                "Histogram of time spent in DECODE phase for request.",
+                                buckets=REQUEST_LATENCY_BUCKETS).labels(**values)
+        # vLLM's: the most tokens any of a request's n sequences generated; a row is one sequence (n = 1).
+        self.max_num_generation_tokens = make(Histogram, "vllm:request_max_num_generation_tokens",
+                                              "Histogram of maximum number of requested generation tokens.",
+                                              buckets=tokens).labels(**values)
 
     def record(self, rows: Sequence[Row], token_counts: Sequence[int], finish_reasons: Sequence[str],
                now: float) -> None:
         """Rows that have ended, with the tokens their callers got and why each ended (vLLM's
-        finished_reason: stop, length, abort; ours adds time_limit)."""
+        finished_reason: stop, length, abort, error (the server failed the request: a 5xx); ours adds
+        time_limit and content_filter)."""
         for row, tokens, reason in zip(rows, token_counts, finish_reasons, strict=True):
             self.prompt_tokens.inc(len(row.prompt))
             self.generation_tokens.inc(tokens)
             self._success.labels(**self._values, finished_reason=reason).inc()
             self.request_prompt_tokens.observe(len(row.prompt))
             self.request_generation_tokens.observe(tokens)
+            self.max_num_generation_tokens.observe(tokens)
             self.e2e_latency.observe(now - row.submitted_at)
             started = row.started_at or now
             self.queue_time.observe(started - row.submitted_at)
             if row.first_token_at is not None:
                 self.time_to_first_token.observe(row.first_token_at - row.submitted_at)
+                # vLLM's phases: from being scheduled to the first token, then to the last.
+                self.prefill_time.observe(row.first_token_at - started)
+                self.decode_time.observe((row.last_token_at or row.first_token_at) - row.first_token_at)
                 if tokens > 1 and row.last_token_at is not None:
                     # The mean gap, once per gap: the histogram's sum and count are exact, its spread is not.
                     gap = (row.last_token_at - row.first_token_at) / (tokens - 1)
