@@ -117,8 +117,9 @@ def test_langchain_chat_openai_gets_the_same_answer(server: str):
     ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"modalities": ["text", "audio"]}, "modalities"),
-    ({"n": 2}, "n"),
-    ({"logprobs": True}, "logprobs"),
+    ({"n": 17}, "n"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"best_of": 2}, "best_of"),
     ({"messages": [{"role": "user", "content": SECRET}, {"role": "user", "content": SECRET}]}, "messages[1].role"),
     ({"messages": [{"role": "tool", "content": SECRET}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -126,7 +127,7 @@ def test_langchain_chat_openai_gets_the_same_answer(server: str):
     ({"max_tokens": 10_000}, "max_tokens"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"temperature": -1}, "temperature"),
-    ({"stop": [SECRET] * 5}, "stop"),
+    ({"stop": [SECRET] * 17}, "stop"),
 ])
 def test_what_mixtral_cannot_do_is_a_400_naming_the_openai_field(client: OpenAI, body: dict, param: str):
     request = {"model": MODEL_NAME, "messages": [{"role": "user", "content": SECRET}], "max_tokens": 4, **body}

@@ -123,7 +123,7 @@ BAD_REQUESTS = [
     (text_request(max_new_tokens=0), "parameters.max_new_tokens", ">= 1"),
     (text_request(max_new_tokens=5000), "parameters.max_new_tokens", "at most 1024"),
     (text_request(repetition_penalty=0), "parameters.repetition_penalty", "> 0"),
-    (text_request(stop=["a", "b", "c", "d", "e"]), "parameters.stop", "at most 4"),
+    (text_request(stop=[str(i) for i in range(17)]), "parameters.stop", "at most 16"),
     (text_request(stop=["a", 3]), "parameters.stop[1]", "must be a string"),
     (text_request(stop=""), "parameters.stop", "must not be empty"),
     (text_request(stop="x" * 60_000), "parameters.stop", "60000 characters; at most 200"),
@@ -189,7 +189,9 @@ def test_render_chat_with_full_text_appends_the_reply():
 
 def test_render_text_rows_in_order_with_and_without_full_text():
     payload = {"input_data": {"input_string": ["A", "B"]}}
-    completions = [Completion(" one", (1,), (5,), "stop"), Completion(" two", (1,), (6, 7), "length")]
+    # The core hands each text prompt back with its answers (prompt_text), so render needs no request to join them.
+    completions = [Completion(" one", (1,), (5,), "stop", prompt_text="A"),
+                   Completion(" two", (1,), (6, 7), "length", prompt_text="B")]
     rows = render(parse_request(payload, LIMITS), completions)
     assert [r["0"] for r in rows] == [" one", " two"]
     assert [r["finish_reason"] for r in rows] == ["stop", "length"]

@@ -307,14 +307,16 @@ class EngineThread:
     def _die(self, error: BaseException) -> None:
         """The engine's death, once, whichever thread finds it (the engine's, or the watchdog's while the
         engine's is blocked in a step): later submits are refused, every row fails, each load hears of it."""
+        if self._dead is not None:
+            return
+        log.critical("the %s engine died", self.name, exc_info=error)  # before `dead` shows, as on_death runs
         with self._wake:
-            if self._dead is not None:
+            if self._dead is not None:  # the other thread got there first
                 return
             self._dead = error
             self._closing = True  # a blocked step that returns after all ends the loop
             self._wake.notify()
         self._unwatched.set()
-        log.critical("the %s engine died", self.name, exc_info=error)
         self._end_all(functools.partial(Row.fail, error=error))
         for on_death in self.on_death:
             on_death(error)

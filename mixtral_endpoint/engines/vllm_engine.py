@@ -32,7 +32,7 @@ from mixtral_endpoint.engines.grammar import GRAMMAR_CACHE_BYTES
 from mixtral_endpoint.model.placement import VLLM_MEMORY_SHARE, kv_budget, serving_dtype, size, visible_devices
 from mixtral_endpoint.protocol.config import DEFAULT_BATCH_SIZE, MAX_NUM_SEQS
 from mixtral_endpoint.protocol.errors import ConfigError, DoesNotFit, InternalError
-from mixtral_endpoint.protocol.sampling import SamplingSettings
+from mixtral_endpoint.protocol.sampling import SamplingSettings, TokenLogprob
 
 if TYPE_CHECKING:
     from mixtral_endpoint.model.checkpoint import Checkpoint
@@ -173,8 +173,15 @@ class VllmEngine(EngineThread):
             if row is None:
                 continue
             completion = output.outputs[0]
-            for token in completion.token_ids:  # the new ones only: RequestOutputKind.DELTA
-                row.emit(token, now, batch)
+            if row.settings.prompt_logprobs is not None and output.prompt_logprobs:  # a chunk of them, in order
+                done, top = row.prompt_logprobs or [], row.settings.prompt_logprobs
+                chunk = zip(row.prompt[len(done):], output.prompt_logprobs, strict=False)
+                row.prompt_logprobs = done + [None if entry is None else _token_logprob(entry, token, top)
+                                              for token, entry in chunk]
+            logprobs = completion.logprobs if row.settings.logprobs is not None else None
+            for i, token in enumerate(completion.token_ids):  # the new ones only: RequestOutputKind.DELTA
+                logprob = None if logprobs is None else _token_logprob(logprobs[i], token, row.settings.logprobs)
+                row.emit(token, now, batch, logprob)
             if output.finished:
                 del self._rows[output.request_id]
                 reason = _FINISH_REASONS.get(completion.finish_reason)
@@ -265,16 +272,30 @@ def sampling_params(settings: SamplingSettings, eos_id: int, *, grammar: str | N
         temperature=settings.temperature if sampled else 0.0,
         top_p=settings.top_p if sampled else 1.0,
         top_k=settings.top_k if sampled else 0,
+        min_p=settings.min_p if sampled else 0.0,
         repetition_penalty=settings.repetition_penalty,
+        presence_penalty=settings.presence_penalty,
+        frequency_penalty=settings.frequency_penalty,
+        logit_bias=dict(settings.logit_bias) or None,
+        min_tokens=settings.min_tokens,
         seed=settings.seed if sampled else None,
         # EOS is ours to name (generation_config="vllm"); the EOS token stays in the output, as it does on
-        # our engine.
-        stop_token_ids=[] if settings.ignore_eos else [eos_id],
+        # our engine, and so do the stop token ids.
+        stop_token_ids=[*([] if settings.ignore_eos else [eos_id]), *settings.stop_token_ids],
         ignore_eos=settings.ignore_eos,
+        logprobs=settings.logprobs,
+        prompt_logprobs=settings.prompt_logprobs,
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
         structured_outputs=None if grammar is None else StructuredOutputsParams(grammar=grammar),
     )
+
+
+def _token_logprob(entry: dict[int, Any], token: int, top: int) -> TokenLogprob:
+    """vLLM's log-probabilities at one place ({token id: Logprob with its rank}) as ours: the token's own, and
+    the `top` most likely by rank."""
+    best = sorted((lp.rank, token_id, lp.logprob) for token_id, lp in entry.items() if lp.rank is not None)
+    return TokenLogprob(entry[token].logprob, tuple((token_id, logprob) for _, token_id, logprob in best[:top]))
 
 
 def _build_llm_engine(args: dict[str, Any]) -> Any:

@@ -7,6 +7,7 @@ plain text, never as control tokens.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mixtral_endpoint.protocol.errors import InvalidRequest
 from mixtral_endpoint.protocol.request import Message
 
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 _MESSAGE_TYPES = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
 
 
@@ -47,6 +49,16 @@ class PromptTokenizer:
 
     def piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token adds to the text: its piece with SentencePiece's `▁` as a space; a byte-fallback
+        piece (`<0x0A>`) its one byte; a control token (`<s>`, `</s>`) nothing."""
+        piece = self._sp.id_to_piece(token_id)
+        if _BYTE_PIECE.fullmatch(piece):
+            return bytes([int(piece[3:5], 16)])
+        if self._sp.is_special(token_id):
+            return b""
+        return piece.replace("\u2581", " ").encode()
 
     def pieces(self) -> list[str]:
         """Every token's SentencePiece piece, by id (byte-fallback pieces as `<0xNN>`): what xgrammar reads."""

@@ -31,7 +31,7 @@ SERVER_DEFAULT: Final = _ServerDefault()
 @dataclass(frozen=True)
 class Parameter:
     name: str
-    type: Literal["number", "integer", "boolean", "string", "object"]
+    type: Literal["number", "integer", "boolean", "string", "object", "array"]
     description: str
     default: Any  # a JSON value, None for "unset", or SERVER_DEFAULT
     minimum: float | None = None
@@ -44,6 +44,7 @@ class Parameter:
     goes_to: Literal["settings", "request"] = "settings"
     openai: str | None = None  # its name on the OpenAI routes; None: not offered there
     server_setting: str | None = None  # with SERVER_DEFAULT: the ServerConfig field that decides the default
+    mlflow: bool = True  # offered in the MLflow model's params (whose types cannot say a map of token ids)
 
     @property
     def server_decides_default(self) -> bool:
@@ -80,6 +81,18 @@ class Parameter:
 # A stream holds back text that could still open a stop string: up to its length less one character. A
 # 60,000-character stop string held a whole answer back to its end; stop strings are words and markers.
 STOP_MAX_CHARS = 200
+MAX_STOP_STRINGS = 16  # OpenAI's 4 is too few for lm-evaluation-harness (a task's stops and the EOS string)
+MAX_LOGPROBS = 20  # alternatives per token at most, as vLLM's --max-logprobs default
+MAX_N = 16  # answers per prompt at most
+MAX_STOP_TOKEN_IDS = 64
+# logit_bias: OpenAI's map of token id (a decimal string, JSON keys being strings) to a bias in [-100, 100].
+LOGIT_BIAS_SCHEMA: Final[dict[str, Any]] = {
+    "type": "object", "maxProperties": 300,  # its keys, token ids, are checked by protocol/request.py
+    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+}
+STOP_TOKEN_IDS_SCHEMA: Final[dict[str, Any]] = {
+    "type": "array", "maxItems": MAX_STOP_TOKEN_IDS, "items": {"type": "integer", "minimum": 0},
+}
 _SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
 
 PARAMETERS: Final[tuple[Parameter, ...]] = (
@@ -101,10 +114,30 @@ PARAMETERS: Final[tuple[Parameter, ...]] = (
               exclusive_minimum=0, maximum=10, openai="repetition_penalty"),
     # Stop strings are text; the engine knows only token ids, so the core checks them.
     Parameter("stop", "string", "Generation ends before the first of these strings, which is cut from the text.",
-              (), max_items=4, max_length=STOP_MAX_CHARS, goes_to="request", openai="stop"),
+              (), max_items=MAX_STOP_STRINGS, max_length=STOP_MAX_CHARS, goes_to="request", openai="stop"),
     Parameter("seed", "integer", "Makes sampling reproducible; unset, each request draws its own.", None,
               minimum=0, maximum=_SEED_MAX, openai="seed"),
     Parameter("ignore_eos", "boolean", "Keep generating past end-of-sequence.", False, openai="ignore_eos"),
+    Parameter("presence_penalty", "number", "Lower the score of each token the answer already holds, once (OpenAI's); "
+              "0 disables it.", 0.0, minimum=-2, maximum=2, openai="presence_penalty"),
+    Parameter("frequency_penalty", "number", "Lower the score of each token by how often the answer already holds it "
+              "(OpenAI's); 0 disables it.", 0.0, minimum=-2, maximum=2, openai="frequency_penalty"),
+    Parameter("logit_bias", "object", "Added to a token's score before sampling: `{\"<token id>\": bias}`, each bias "
+              "in [-100, 100] (-100 bans the token).", {}, shape=LOGIT_BIAS_SCHEMA, openai="logit_bias", mlflow=False),
+    Parameter("min_p", "number", "Drop tokens less likely than min_p times the most likely one; 0 disables it.", 0.0,
+              minimum=0, maximum=1, openai="min_p"),
+    Parameter("min_tokens", "integer", "New tokens at least before end-of-sequence or a stop token may end the answer.",
+              0, minimum=0, openai="min_tokens"),
+    Parameter("stop_token_ids", "array", "Generation ends at any of these token ids, which the answer keeps.", (),
+              shape=STOP_TOKEN_IDS_SCHEMA, openai="stop_token_ids"),
+    Parameter("logprobs", "integer", "The log-probability of each new token, and of this many most likely "
+              f"alternatives (0 to {MAX_LOGPROBS}), from the model's distribution before any sampling setting; "
+              "unset: none.", None, minimum=0, maximum=MAX_LOGPROBS),
+    Parameter("prompt_logprobs", "integer", "The log-probability of each prompt token after the first, and of this "
+              f"many most likely alternatives (0 to {MAX_LOGPROBS}); unset: none.", None, minimum=0,
+              maximum=MAX_LOGPROBS, openai="prompt_logprobs"),
+    Parameter("n", "integer", "Answers per prompt, each sampled on its own (with a seed, answer i uses seed + i).", 1,
+              minimum=1, maximum=MAX_N, goes_to="request", openai="n"),
     Parameter("return_token_ids", "boolean", "Add `prompt_token_ids` and `token_ids` to each result.", False,
               goes_to="request"),
     # OpenAI's response_format, plus "regex" and "choice"; the core turns it into the engine's Constraint.

@@ -21,7 +21,7 @@ from mixtral_endpoint.protocol.constraints import from_response_format
 from mixtral_endpoint.protocol.errors import InvalidRequest
 from mixtral_endpoint.protocol.parameters import PARAMETERS, Parameter, default, json_schema
 from mixtral_endpoint.protocol.sampling import SamplingSettings
-from mixtral_endpoint.protocol.validation import check, check_unicode, json_path, json_type
+from mixtral_endpoint.protocol.validation import check, check_unicode, clip, json_path, json_type
 
 _PYTHON_TYPES = {"integer": int, "number": float}
 
@@ -44,11 +44,12 @@ class ScoringRequest:
     """A validated request. Exactly one of `conversation` and `prompts` is set."""
 
     conversation: tuple[Message, ...] | None
-    prompts: tuple[str, ...] | None
+    prompts: tuple[str | tuple[int, ...], ...] | None  # text, or token ids taken as they are (no BOS added)
     settings: SamplingSettings
     return_full_text: bool
     return_token_ids: bool
     stream: bool = False
+    n: int = 1  # answers per prompt; completions come prompt by prompt, each prompt's n together
     stop: tuple[str, ...] = ()  # text, so checked in the core: the engine knows only token ids
     safe_prompt: bool | None = None  # None: the server's MIXTRAL_SAFE_PROMPT
     fields: Fields | None = field(default=None, compare=False)  # how the door names its fields, for the core's errors
@@ -59,13 +60,26 @@ class ScoringRequest:
 
 
 @dataclass(frozen=True)
+class Logprob:
+    """A token at one place of a text, and how likely the model found it there."""
+
+    token_id: int
+    text: bytes  # what the token adds to the text (a byte-fallback token: one byte of a character)
+    logprob: float | None  # None: the prompt's first token, which nothing predicts
+    top: tuple[Logprob, ...] = ()  # the most likely tokens at that place, most likely first
+
+
+@dataclass(frozen=True)
 class Completion:
-    """One scored prompt, ready to render."""
+    """One answer to one prompt, ready to render."""
 
     text: str
     prompt_token_ids: tuple[int, ...]
     token_ids: tuple[int, ...]
     finish_reason: str
+    prompt_text: str = ""  # a text prompt as the model read it (token ids decoded); "" for a conversation
+    logprobs: tuple[Logprob, ...] | None = None  # one per token id, where the request asked
+    prompt_logprobs: tuple[Logprob, ...] | None = None  # one per prompt token id, where the request asked
 
 
 @dataclass(frozen=True)
@@ -98,11 +112,18 @@ def build_request(*, conversation: Sequence[Message] | None = None, prompts: Seq
             raise InvalidRequest(f"{len(prompts)} prompts in one request; at most {limits.max_prompts} are allowed",
                                  param=fields.input)
         for i, prompt in enumerate(prompts):
-            _check_text(prompt, fields.prompt(i))
+            if isinstance(prompt, list | tuple):
+                _check_token_ids(prompt, fields.prompt(i))
+            else:
+                _check_text(prompt, fields.prompt(i))
+        prompts = tuple(tuple(p) if isinstance(p, list) else p for p in prompts)
     stream = parameters.get("stream", default("stream"))
     if stream and prompts is not None and len(prompts) > 1:
         raise InvalidRequest(f"stream takes one prompt; this request has {len(prompts)}",
                              param=fields.parameter("stream"))
+    n = parameters.get("n", default("n"))
+    if stream and n > 1:
+        raise InvalidRequest("stream takes one answer; this request asks for n > 1", param=fields.parameter("n"))
     stop = parameters.get("stop", default("stop"))
     return ScoringRequest(
         conversation=conversation,
@@ -111,6 +132,7 @@ def build_request(*, conversation: Sequence[Message] | None = None, prompts: Seq
         return_full_text=parameters.get("return_full_text", default("return_full_text")),
         return_token_ids=parameters.get("return_token_ids", default("return_token_ids")),
         stream=stream,
+        n=n,
         stop=(stop,) if isinstance(stop, str) else tuple(stop),
         safe_prompt=parameters.get("safe_prompt"),
         fields=fields,
@@ -129,10 +151,21 @@ def to_settings(params: Mapping[str, Any], limits: RequestLimits,
                               if p.goes_to == "settings" and p.shape is None and p.name in params}
     if params.get("response_format") is not None:
         values["constraint"] = from_response_format(params["response_format"], name("response_format"))
+    if params.get("logit_bias"):
+        for token in params["logit_bias"]:
+            if not (token.isascii() and token.isdecimal()):
+                raise InvalidRequest(f"{name('logit_bias')} maps token ids, written as decimal strings; got "
+                                     f"{clip(token)!r}", param=name("logit_bias"))
+        values["logit_bias"] = tuple(sorted((int(token), float(bias)) for token, bias in params["logit_bias"].items()))
+    if params.get("stop_token_ids"):
+        values["stop_token_ids"] = tuple(int(token) for token in params["stop_token_ids"])
     max_new_tokens = values.setdefault("max_new_tokens", limits.default_max_new_tokens)
     if max_new_tokens > limits.max_new_tokens:
         raise InvalidRequest(f"max_new_tokens is {max_new_tokens}; this server allows at most {limits.max_new_tokens}",
                              param=name("max_new_tokens"))
+    if values.get("min_tokens", 0) > max_new_tokens:
+        raise InvalidRequest(f"min_tokens is {values['min_tokens']}, above max_new_tokens ({max_new_tokens})",
+                             param=name("min_tokens"))
     return SamplingSettings(**values)
 
 
@@ -163,6 +196,16 @@ def _check_text(value: Any, path: str) -> None:
     if not value:
         raise InvalidRequest(f"{path} must not be empty", param=path)
     check_unicode(value, path)
+
+
+def _check_token_ids(ids: Sequence[Any], path: str) -> None:
+    """Token ids a door took as a prompt: non-negative integers (the core checks them against the vocabulary)."""
+    if not ids:
+        raise InvalidRequest(f"{path} must not be empty", param=path)
+    for j, token in enumerate(ids):
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            raise InvalidRequest(f"{path}[{j}] must be a token id (an integer >= 0), got {json_type(token)}",
+                                 param=f"{path}[{j}]")
 
 
 def _check_conversation(conversation: tuple[Message, ...], fields: Fields) -> None:

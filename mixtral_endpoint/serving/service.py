@@ -38,7 +38,9 @@ from mixtral_endpoint.protocol.errors import (
     PayloadTooLarge,
     ScoringError,
 )
-from mixtral_endpoint.protocol.request import Completion, ScoringRequest
+from mixtral_endpoint.protocol.parameters import BY_NAME
+from mixtral_endpoint.protocol.request import Completion, Logprob, ScoringRequest
+from mixtral_endpoint.protocol.sampling import SamplingSettings, TokenLogprob
 from mixtral_endpoint.protocol.validation import parse_json
 from mixtral_endpoint.serving.collector import DataCollector
 from mixtral_endpoint.serving.detokenizer import Detokenizer
@@ -129,7 +131,9 @@ class Scorer:
         rows, texts, sink = self._admit(request)
         for _ in self._follow(request_id, rows, texts, sink):
             pass
-        completions = [self._complete(row, text) for row, text in zip(rows, texts, strict=True)]
+        prompt_texts = self._prompt_texts(request)
+        completions = [self._complete(row, text, prompt_text)
+                       for row, text, prompt_text in zip(rows, texts, prompt_texts, strict=True)]
         if self.screen is not None:
             verdicts = [self.screen.start(c.text) for c in completions]  # all at once: one round trip
             completions = [_withheld(c, "") if v.answer_flagged() else c
@@ -156,7 +160,7 @@ class Scorer:
         rows, texts, sink = self._submit(request, self._encode(request))
         try:
             if self.screen is not None:
-                verdicts = [self.screen.start_prompt(text) for text in _screened_prompts(request)]
+                verdicts = [self.screen.start_prompt(text) for text in _screened_prompts(request, self.tokenizer)]
                 for verdict in verdicts:
                     verdict.check_prompt(param=request.fields.input)
         except BaseException:
@@ -172,11 +176,23 @@ class Scorer:
             conversation = with_guardrail(request.conversation) if safe else request.conversation
             return [self.tokenizer.encode_chat(conversation, param=request.fields.input)]
         assert request.prompts is not None
-        return [self.tokenizer.encode_text(p) for p in request.prompts]
+        return [list(p) if isinstance(p, tuple) else self.tokenizer.encode_text(p) for p in request.prompts]
 
     def _encode(self, request: ScoringRequest) -> list[list[int]]:
-        """The prompts' token ids, each checked against the context window with max_new_tokens."""
+        """The prompts' token ids, each checked against the context window with max_new_tokens; and the token
+        ids the settings name, against the vocabulary."""
+        vocab, settings = self.tokenizer.vocab_size, request.settings
+        for name, ids in (("logit_bias", [token for token, _ in settings.logit_bias]),
+                          ("stop_token_ids", settings.stop_token_ids)):
+            if any(token >= vocab for token in ids):
+                raise InvalidRequest(f"{request.fields.parameter(name)} names token {max(ids)}; the vocabulary's ids "
+                                     f"are 0 to {vocab - 1}", param=request.fields.parameter(name))
         prompts = self.encode(request)
+        for i, ids in enumerate(prompts):
+            if not request.is_chat and isinstance(request.prompts[i], tuple) and max(ids) >= vocab:
+                j = next(j for j, token in enumerate(ids) if token >= vocab)
+                raise InvalidRequest(f"{request.fields.prompt(i)}[{j}] is {ids[j]}; the vocabulary's ids are 0 to "
+                                     f"{vocab - 1}", param=f"{request.fields.prompt(i)}[{j}]")
         wanted = request.settings.max_new_tokens
         for i, ids in enumerate(prompts):
             if len(ids) + wanted > self.max_total_tokens:
@@ -192,8 +208,9 @@ class Scorer:
         grammar = self._grammar(request.settings.constraint)
         deadline = time.monotonic() + self.config.request_timeout_s
         sink: queue.SimpleQueue = queue.SimpleQueue()  # every row of the request reports here
-        rows = [Row(p, request.settings, deadline, sink, each_token=request.stream or bool(request.stop),
-                    grammar=grammar) for p in prompts]
+        prompts = [p for p in prompts for _ in range(request.n)]  # each prompt's n answers together
+        rows = [Row(p, _answer_settings(request.settings, i % request.n), deadline, sink,
+                    each_token=request.stream or bool(request.stop), grammar=grammar) for i, p in enumerate(prompts)]
         texts = [Detokenizer(self.tokenizer.decode, eos_id=self.tokenizer.eos_id, stops=request.stop,
                              context=() if request.is_chat else p[-_CONTEXT_TOKENS:]) for p in prompts]
         try:
@@ -291,7 +308,7 @@ class Scorer:
             completion = Completion(text=released, prompt_token_ids=tuple(row.prompt), token_ids=(),
                                     finish_reason="content_filter")
         else:
-            completion = self._complete(row, text)
+            completion = self._complete(row, text, self._prompt_texts(request)[0])
             if held and self.screen is not None:
                 if self.screen.start(held).answer_flagged():
                     completion = _withheld(completion, released)
@@ -300,12 +317,31 @@ class Scorer:
         self._log(request_id, request, [row], [completion])
         yield completion
 
-    @staticmethod
-    def _complete(row: Row, text: Detokenizer) -> Completion:
+    def _prompt_texts(self, request: ScoringRequest) -> list[str]:
+        """Each row's prompt as text ("" for a conversation): a text prompt as it came, token ids decoded."""
+        if request.prompts is None:
+            return [""] * request.n
+        texts = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in request.prompts]
+        return [text for text in texts for _ in range(request.n)]
+
+    def _complete(self, row: Row, text: Detokenizer, prompt_text: str) -> Completion:
         finish_reason = "stop" if text.stopped else row.finish_reason
         assert finish_reason in ("stop", "length", "time_limit"), finish_reason
-        return Completion(text=text.text, prompt_token_ids=tuple(row.prompt), token_ids=tuple(text.tokens),
-                          finish_reason=finish_reason)
+        tokens = tuple(text.tokens)  # a stop string cuts tokens the row made: their log-probabilities go too
+        logprobs = None if row.settings.logprobs is None else tuple(
+            self._logprob(t, lp) for t, lp in zip(tokens, row.logprobs, strict=False))
+        prompt_logprobs = None if row.prompt_logprobs is None else tuple(
+            self._logprob(t, lp) for t, lp in zip(row.prompt, row.prompt_logprobs, strict=True))
+        return Completion(text=text.text, prompt_token_ids=tuple(row.prompt), token_ids=tokens,
+                          finish_reason=finish_reason, prompt_text=prompt_text, logprobs=logprobs,
+                          prompt_logprobs=prompt_logprobs)
+
+    def _logprob(self, token: int, logprob: TokenLogprob | None) -> Logprob:
+        text = self.tokenizer.token_bytes
+        if logprob is None:
+            return Logprob(token, text(token), None)
+        return Logprob(token, text(token), logprob.logprob,
+                       tuple(Logprob(t, text(t), lp) for t, lp in logprob.top))
 
     def _log(self, request_id: str, request: ScoringRequest, rows: Sequence[Row],
              completions: Sequence[Completion]) -> None:
@@ -333,18 +369,25 @@ class Scorer:
         log.info(" ".join(f"{'request' if k == 'request_id' else k}=%s" for k in shown), *shown.values(), extra=fields)
 
 
+def _answer_settings(settings: SamplingSettings, answer: int) -> SamplingSettings:
+    """Answer i of a prompt's n: with a seed, seed + i, so each answer is reproducible and none repeats another."""
+    if answer == 0 or settings.seed is None:
+        return settings
+    return replace(settings, seed=(settings.seed + answer) % (BY_NAME["seed"].maximum + 1))
+
+
 def _logged(request_id: str) -> str:
     """The request id as log lines show it: as it is when plain, else quoted as JSON. It may be the caller's
     x-request-id, which could otherwise forge a field (`finish_reason=...`) or a whole line."""
     return request_id if _PLAIN_ID.fullmatch(request_id) else json.dumps(request_id)
 
 
-def _screened_prompts(request: ScoringRequest) -> list[str]:
+def _screened_prompts(request: ScoringRequest, tokenizer: PromptTokenizer) -> list[str]:
     """What of a request is screened as its prompt: a conversation's messages as one text, or each prompt."""
     if request.conversation is not None:
         return ["\n".join(m.content for m in request.conversation)]
     assert request.prompts is not None
-    return list(request.prompts)
+    return [p if isinstance(p, str) else tokenizer.decode(p) for p in request.prompts]
 
 
 def _withheld(completion: Completion, released: str) -> Completion:

@@ -136,11 +136,13 @@ def signature() -> mlflow.models.ModelSignature:
     """Inputs of any shape in `input_string`; every request parameter, from the one table."""
     return mlflow.models.ModelSignature(
         inputs=Schema([ColSpec(AnyType(), "input_string")]),
-        params=ParamSchema([_param_spec(p) for p in PARAMETERS]),
+        params=ParamSchema([_param_spec(p) for p in PARAMETERS if p.mlflow]),
     )
 
 
 def _param_spec(parameter: Parameter) -> ParamSpec:
+    if parameter.type == "array":  # of token ids: MLflow's array params need a list default
+        return ParamSpec(parameter.name, "long", list(parameter.default), (-1,))
     if parameter.shape is not None:
         # An object (response_format): its properties as MLflow's, whatever lies deeper (a schema) as Any.
         properties = [Property(name, _mlflow_type(schema), required=name in parameter.shape.get("required", ()))

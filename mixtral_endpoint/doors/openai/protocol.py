@@ -17,8 +17,17 @@ from typing import Any, Literal
 from mixtral_endpoint.protocol.config import MODEL_NAME
 from mixtral_endpoint.protocol.errors import InvalidRequest, ScoringError
 from mixtral_endpoint.protocol.parameters import PARAMETERS
-from mixtral_endpoint.protocol.request import Completion, Fields, Message, RequestLimits, ScoringRequest, build_request
+from mixtral_endpoint.protocol.request import (
+    Completion,
+    Fields,
+    Logprob,
+    Message,
+    RequestLimits,
+    ScoringRequest,
+    build_request,
+)
 from mixtral_endpoint.protocol.tools import RESULTS_HEADER, ToolUse, calls_text, parse_tool_use, read_calls, result_line
+from mixtral_endpoint.protocol.validation import clip, json_type
 
 MODEL_INFO = {"model_name": MODEL_NAME, "model_type": "chat-completion", "model_provider_name": "Mistral AI"}
 Route = Literal["chat", "completions"]
@@ -54,6 +63,8 @@ class OpenAIRequest:
     request: ScoringRequest
     include_usage: bool  # stream_options.include_usage: a last chunk carrying usage
     tools: ToolUse | None = None  # the answer may (auto) or must be tool calls
+    echo: bool = False  # completions: the prompt, then the answer (and their log-probabilities)
+    prompt_only: bool = False  # echo with max_tokens 0: the prompt scored, nothing generated
 
 
 def parse(body: Any, route: Route, limits: RequestLimits, *, extra_parameters: str | None) -> OpenAIRequest:
@@ -64,9 +75,10 @@ def parse(body: Any, route: Route, limits: RequestLimits, *, extra_parameters: s
     mode = (extra_parameters or "pass-through").strip().lower()
     if mode not in EXTRA_MODES:
         raise InvalidRequest(f"the extra-parameters header must be one of {', '.join(EXTRA_MODES)}, got "
-                             f"{_clip(extra_parameters or '')!r}", param="extra-parameters")
+                             f"{clip(extra_parameters or '')!r}", param="extra-parameters")
     _refuse_what_mixtral_cannot_do(body)
     parameters = _parameters(body, route, mode)
+    echo, prompt_only = _logprobs(body, route, parameters)
     tool_use = parse_tool_use(body) if route == "chat" else None
     if tool_use is not None and body.get("response_format") not in (None, {"type": "text"}):
         raise InvalidRequest("response_format and tools both constrain the answer; send one, or tool_choice none",
@@ -87,38 +99,66 @@ def parse(body: Any, route: Route, limits: RequestLimits, *, extra_parameters: s
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise InvalidRequest("stream_options must be an object", param="stream_options")
-    return OpenAIRequest(route, request, include_usage=bool(options.get("include_usage")), tools=tool_use)
+    if request.stream and (request.settings.logprobs is not None or echo):
+        raise InvalidRequest("logprobs and echo are answered in whole responses, not streamed", param=(
+            "echo" if echo else "logprobs"))
+    return OpenAIRequest(route, request, include_usage=bool(options.get("include_usage")), tools=tool_use,
+                         echo=echo, prompt_only=prompt_only)
 
 
 def _refuse_what_mixtral_cannot_do(body: dict[str, Any]) -> None:
-    # Mixtral-8x7B reads and writes text (tools through `tools`), and this server returns one choice without
-    # logprobs.
+    # Mixtral-8x7B reads and writes text (tools through `tools`).
     for name in (*_UNSUPPORTED, "suffix"):
         if body.get(name) not in (None, [], {}, ["text"]):
             raise InvalidRequest(f"{name} is not supported: Mixtral-8x7B reads and writes plain text (for functions, "
                                  "send tools)", param=name)
-    for name, allowed in (("n", (None, 1)), ("best_of", (None, 1)), ("logprobs", (None, False, 0)),
-                          ("top_logprobs", (None, 0)), ("echo", (None, False)), ("frequency_penalty", (None, 0)),
-                          ("presence_penalty", (None, 0)), ("logit_bias", (None, {}))):
-        value = body.get(name)
-        if value not in allowed or isinstance(value, bool) and name not in ("logprobs", "echo"):
-            raise InvalidRequest(f"{name} is not supported: only {allowed[1]!r} (this server returns one choice, "
-                                 "without logprobs; repetition_penalty is its penalty)", param=name)
+    best_of = body.get("best_of")
+    if best_of not in (None, 1) or isinstance(best_of, bool):  # as vLLM's V1 engine: n answers, not a best of them
+        raise InvalidRequest("best_of is not supported: only 1 (send n for several answers)", param="best_of")
+
+
+def _logprobs(body: dict[str, Any], route: Route, parameters: dict[str, Any]) -> tuple[bool, bool]:
+    """OpenAI's log-probability fields as the table's `logprobs` and `prompt_logprobs`; returns (echo, whether
+    only the prompt is scored). Chat: `logprobs: true` and `top_logprobs: k`; completions: `logprobs: k`, and
+    `echo`, which returns the prompt and its log-probabilities before the answer (with `max_tokens: 0`, the
+    prompt alone, as lm-evaluation-harness scores a continuation)."""
+    logprobs = body.get("logprobs")
+    if route == "chat":
+        top = body.get("top_logprobs")
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise InvalidRequest(f"logprobs must be a boolean, got {json_type(logprobs)}", param="logprobs")
+        if top is not None and logprobs is not True:
+            raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+        if logprobs:
+            parameters["logprobs"] = 0 if top is None else top
+        return False, False
+    if logprobs is not None:
+        parameters["logprobs"] = logprobs
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise InvalidRequest(f"echo must be a boolean, got {json_type(echo)}", param="echo")
+    if echo and logprobs is not None:
+        parameters["prompt_logprobs"] = logprobs
+    prompt_only = bool(echo) and parameters.get("max_new_tokens") == 0 and not isinstance(body.get("max_tokens"), bool)
+    if prompt_only:
+        parameters["max_new_tokens"] = 1  # one step scores the prompt; its token is not answered
+    return bool(echo), prompt_only
 
 
 def _parameters(body: dict[str, Any], route: Route, mode: str) -> dict[str, Any]:
     parameters: dict[str, Any] = {}
     extras = [k for k in body if k not in OPENAI_FIELDS[route]]
     if extras and mode == "error":
-        raise InvalidRequest(f"unknown parameter '{_clip(extras[0])}'; extra parameters ({', '.join(EXTRAS)}) need "
-                             "the header extra-parameters: pass-through", param=_clip(extras[0]))
+        raise InvalidRequest(f"unknown parameter '{clip(extras[0])}'; extra parameters ({', '.join(EXTRAS)}) need "
+                             "the header extra-parameters: pass-through", param=clip(extras[0]))
     if mode == "pass-through":
         unknown = [k for k in extras if k not in EXTRAS]
         if unknown:
-            raise InvalidRequest(f"unknown parameter '{_clip(unknown[0])}'; this model takes the extra parameters "
-                                 f"{', '.join(EXTRAS)}", param=_clip(unknown[0]))
+            raise InvalidRequest(f"unknown parameter '{clip(unknown[0])}'; this model takes the extra parameters "
+                                 f"{', '.join(EXTRAS)}", param=clip(unknown[0]))
         parameters.update({_OURS[k]: body[k] for k in extras})
-    for name in ("temperature", "top_p", "stop", "seed", "stream", "response_format"):
+    for name in ("temperature", "top_p", "stop", "seed", "stream", "response_format", "n", "presence_penalty",
+                 "frequency_penalty", "logit_bias"):
         if body.get(name) is not None:
             parameters[_OURS[name]] = body[name]
     # OpenAI samples unless temperature is 0; its default temperature is 1.
@@ -151,7 +191,7 @@ def _messages(body: dict[str, Any], tool_use: ToolUse | None) -> tuple[list[Mess
         role = message.get("role")
         if not isinstance(role, str) or role not in (*_ROLES, "tool"):  # a list or an object cannot be looked up
             raise InvalidRequest(f"messages[{i}].role must be one of system, developer, user, assistant, tool, got "
-                                 f"{_clip(str(role))!r}", param=f"messages[{i}].role")
+                                 f"{clip(str(role))!r}", param=f"messages[{i}].role")
         content = _text(message.get("content"), f"messages[{i}].content")
         if role == "tool":
             previous = messages[i - 1] if i else {}  # a dict: checked on the turn before
@@ -202,14 +242,18 @@ def _text(content: Any, path: str) -> Any:
     return "".join(texts)
 
 
-def _prompts(body: dict[str, Any]) -> tuple[list[str], bool]:
-    """The prompts, and whether the body sent a single one (errors then name `prompt`, not `prompt[0]`)."""
+def _prompts(body: dict[str, Any]) -> tuple[list[Any], bool]:
+    """The prompts, texts or token ids, and whether the body sent a single one (errors then name `prompt`, not
+    `prompt[0]`)."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         return [prompt], True
-    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
-        return prompt, False
-    raise InvalidRequest("prompt is required: a string or a list of strings", param="prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        return [prompt], True  # one prompt as token ids
+    if isinstance(prompt, list) and all(isinstance(p, str | list) for p in prompt):
+        return prompt, False  # texts, or token-id lists
+    raise InvalidRequest("prompt is required: a string, a list of strings, a list of token ids or a list of such "
+                         "lists", param="prompt")
 
 
 def _openai_name(name: str, body: dict[str, Any]) -> str:
@@ -218,6 +262,10 @@ def _openai_name(name: str, body: dict[str, Any]) -> str:
         return "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     if name == "do_sample":
         return "temperature"
+    if name == "logprobs" and "messages" in body:
+        return "top_logprobs"
+    if name == "prompt_logprobs" and body.get("echo") is True:
+        return "logprobs"
     return _THEIRS.get(name, name)
 
 
@@ -227,9 +275,10 @@ def error_body(error: ScoringError) -> dict[str, Any]:
                       "param": error.param, "code": error.code}}
 
 
-def usage(completions: list[Completion]) -> dict[str, int]:
-    prompt = sum(len(c.prompt_token_ids) for c in completions)
-    new = sum(len(c.token_ids) for c in completions)
+def usage(completions: list[Completion], *, n: int = 1, prompt_only: bool = False) -> dict[str, int]:
+    """Each prompt counted once, however many answers it got (they come n by n)."""
+    prompt = sum(len(c.prompt_token_ids) for c in completions[::n])
+    new = 0 if prompt_only else sum(len(c.token_ids) for c in completions)
     return {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new}
 
 
@@ -240,14 +289,49 @@ def finish_reason(completion: Completion) -> str:
 
 def render(parsed: OpenAIRequest, completions: list[Completion], request_id: str) -> dict[str, Any]:
     head = _head(parsed, request_id, chunk=False)
-    if parsed.route == "chat":
-        (completion,) = completions
-        message, reason = _answer(parsed, completion)
-        choices = [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}]
-    else:
-        choices = [{"index": i, "text": c.text, "finish_reason": finish_reason(c), "logprobs": None}
-                   for i, c in enumerate(completions)]
-    return {**head, "choices": choices, "usage": usage(completions)}
+    choices = []
+    for i, completion in enumerate(completions):  # prompt by prompt, each prompt's n answers together
+        if parsed.route == "chat":
+            message, reason = _answer(parsed, completion)
+            logprobs = None if completion.logprobs is None else {"content": [
+                _chat_logprob(entry) for entry in completion.logprobs]}
+            choices.append({"index": i, "message": message, "finish_reason": reason, "logprobs": logprobs})
+        else:
+            text = completion.text
+            if parsed.echo:
+                text = completion.prompt_text if parsed.prompt_only else completion.prompt_text + text
+            choices.append({"index": i, "text": text, "finish_reason": finish_reason(completion),
+                            "logprobs": _completion_logprobs(parsed, completion)})
+    return {**head, "choices": choices,
+            "usage": usage(completions, n=parsed.request.n, prompt_only=parsed.prompt_only)}
+
+
+def _chat_logprob(entry: Logprob, *, top: bool = True) -> dict[str, Any]:
+    """OpenAI's chat shape of one token: its text, log-probability and UTF-8 bytes, and the alternatives."""
+    text = entry.text.decode("utf-8", errors="replace")
+    shaped = {"token": text, "logprob": entry.logprob, "bytes": list(entry.text)}
+    if top:
+        shaped["top_logprobs"] = [_chat_logprob(alternative, top=False) for alternative in entry.top]
+    return shaped
+
+
+def _completion_logprobs(parsed: OpenAIRequest, completion: Completion) -> dict[str, Any] | None:
+    """OpenAI's completions shape: `tokens`, `token_logprobs`, `top_logprobs` (a map of token text to
+    log-probability) and `text_offset` of each token in the returned text; with echo, the prompt's first."""
+    if completion.logprobs is None:
+        return None
+    entries = list(completion.prompt_logprobs or ()) if parsed.echo else []
+    if not parsed.prompt_only:
+        entries += completion.logprobs
+    tokens = [entry.text.decode("utf-8", errors="replace") for entry in entries]
+    offsets = [0]
+    for token in tokens[:-1]:
+        offsets.append(offsets[-1] + len(token))
+    return {"tokens": tokens, "token_logprobs": [entry.logprob for entry in entries],
+            "top_logprobs": [None if entry.logprob is None else {
+                alternative.text.decode("utf-8", errors="replace"): alternative.logprob for alternative in entry.top}
+                for entry in entries],
+            "text_offset": offsets}
 
 
 def _answer(parsed: OpenAIRequest, completion: Completion) -> tuple[dict[str, Any], str]:
@@ -330,7 +414,3 @@ def _head(parsed: OpenAIRequest, request_id: str, *, chunk: bool) -> dict[str, A
 
 def _event(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-
-def _clip(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."

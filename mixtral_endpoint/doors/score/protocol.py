@@ -20,6 +20,7 @@ from mixtral_endpoint.protocol.errors import InvalidRequest
 from mixtral_endpoint.protocol.request import (
     Completion,
     Fields,
+    Logprob,
     Message,
     RequestLimits,
     ScoringRequest,
@@ -48,19 +49,23 @@ def parse_request(payload: Any, limits: RequestLimits) -> ScoringRequest:
 
 
 def render(request: ScoringRequest, completions: list[Completion]) -> dict[str, Any] | list[dict[str, Any]]:
+    """A conversation: one object, its first answer's (with n > 1 every answer also under `choices`); text
+    prompts: one row per answer, prompt by prompt, each prompt's n answers together."""
     if request.is_chat:
-        (completion,) = completions
+        completion = completions[0]
         body = _result(completion, "output", completion.text, request.return_token_ids)
         if request.return_full_text:
             assert request.conversation is not None
             body["messages"] = [{"role": m.role, "content": m.content} for m in request.conversation]
             body["messages"].append({"role": "assistant", "content": completion.text})
+        if request.n > 1:
+            body["choices"] = [_result(c, "output", c.text, request.return_token_ids) for c in completions]
+            new = sum(len(c.token_ids) for c in completions)
+            body["usage"] = {**body["usage"], "completion_tokens": new,
+                             "total_tokens": body["usage"]["prompt_tokens"] + new}
         return body
-    assert request.prompts is not None
-    return [
-        _result(c, "0", prompt + c.text if request.return_full_text else c.text, request.return_token_ids)
-        for prompt, c in zip(request.prompts, completions, strict=True)
-    ]
+    return [_result(c, "0", c.prompt_text + c.text if request.return_full_text else c.text, request.return_token_ids)
+            for c in completions]
 
 
 def render_stream_delta(text: str) -> str:
@@ -101,7 +106,19 @@ def _result(completion: Completion, key: str, text: str, with_ids: bool) -> dict
     if with_ids:
         body["prompt_token_ids"] = list(completion.prompt_token_ids)
         body["token_ids"] = list(completion.token_ids)
+    for name in ("logprobs", "prompt_logprobs"):
+        entries = getattr(completion, name)
+        if entries is not None:
+            body[name] = [_logprob(entry) for entry in entries]
     return body
+
+
+def _logprob(entry: Logprob, *, top: bool = True) -> dict[str, Any]:
+    shaped = {"token_id": entry.token_id, "token": entry.text.decode("utf-8", errors="replace"),
+              "logprob": entry.logprob}
+    if top:
+        shaped["top"] = [_logprob(alternative, top=False) for alternative in entry.top]
+    return shaped
 
 
 def _merged_parameters(payload: dict[str, Any]) -> dict[str, Any]:

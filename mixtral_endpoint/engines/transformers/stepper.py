@@ -20,11 +20,11 @@ from transformers import DynamicCache, MixtralForCausalLM
 
 from mixtral_endpoint.engines.engine import Row
 from mixtral_endpoint.engines.transformers.prepack import prepack
-from mixtral_endpoint.engines.transformers.sampler import choose_tokens, new_generator
+from mixtral_endpoint.engines.transformers.sampler import choose_tokens, new_generator, token_logprob
 from mixtral_endpoint.model.checkpoint import Checkpoint
 from mixtral_endpoint.model.placement import Plan
 from mixtral_endpoint.protocol.errors import DoesNotFit, InternalError
-from mixtral_endpoint.protocol.sampling import Generation, SamplingSettings
+from mixtral_endpoint.protocol.sampling import Generation, SamplingSettings, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,16 @@ class Stepper:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [batch, width]
         cache = DynamicCache(config=self.model.config)
+        # Every position's logits only where a row asks for its prompt's log-probabilities.
+        every = any(row.settings.prompt_logprobs is not None for row in rows)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                            use_cache=True, logits_to_keep=1).logits[:, -1, :]
+                            use_cache=True, logits_to_keep=0 if every else 1).logits  # [batch, width or 1, vocab]
+        if every:
+            for i, row in enumerate(rows):
+                if row.settings.prompt_logprobs is not None:
+                    row.prompt_logprobs = _prompt_logprobs(logits[i, width - len(row.prompt):], row)
         batch = Batch(list(rows), generators, cache, mask, positions[:, -1] + 1, ids[:, -1])
-        return self._advance(batch, logits)
+        return self._advance(batch, logits[:, -1, :])
 
     @torch.inference_mode()
     def step(self, batch: Batch) -> Batch | None:
@@ -125,16 +131,16 @@ class Stepper:
 
     def _advance(self, batch: Batch, logits: torch.Tensor) -> Batch | None:
         rows = batch.rows
-        # The ids a row has seen matter only to a repetition penalty: build them only for those rows.
-        seen = [r.prompt + r.tokens if r.settings.repetition_penalty != 1.0 else () for r in rows]
-        chosen = choose_tokens(logits, [r.settings for r in rows], seen, batch.generators, [r.matcher for r in rows])
+        chosen, logprobs = choose_tokens(logits, [r.settings for r in rows], [r.prompt for r in rows],
+                                         [r.tokens for r in rows], batch.generators, [r.matcher for r in rows],
+                                         eos_id=self.eos_id)
         now = time.monotonic()
         keep = []
         for i, (row, token) in enumerate(zip(rows, chosen, strict=True)):
             if row.matcher is not None and not row.matcher.accept_token(token):  # before the caller sees it
                 row.fail(InternalError(f"the grammar refused token {token}, which its own mask allowed"))
                 continue
-            row.emit(token, now, len(rows))
+            row.emit(token, now, len(rows), logprobs[i])
             reason = self._finish_reason(row, token, now)
             if reason is None:
                 keep.append(i)
@@ -147,7 +153,8 @@ class Stepper:
 
     def _finish_reason(self, row: Row, token: int, now: float) -> str | None:
         grammar_ended = row.matcher is not None and row.matcher.is_terminated()  # it accepted EOS
-        if grammar_ended or token == self.eos_id and not row.settings.ignore_eos:
+        eos = token == self.eos_id and not row.settings.ignore_eos
+        if grammar_ended or eos or token in row.settings.stop_token_ids:
             return "stop"
         if len(row.tokens) >= row.settings.max_new_tokens:
             return "length"
@@ -181,3 +188,11 @@ def _left_pad(batch: Batch, length: int) -> Batch:
         layer.values = torch.nn.functional.pad(layer.values, (0, 0, extra, 0))
     mask = torch.nn.functional.pad(batch.mask, (extra, 0))
     return Batch(batch.rows, batch.generators, batch.cache, mask, batch.positions, batch.last)
+
+
+def _prompt_logprobs(logits: torch.Tensor, row: Row) -> list[TokenLogprob | None]:
+    """logits: [prompt, vocab], the row's own positions. Token j's log-probability is read at position j - 1;
+    the first token has none."""
+    logprobs = logits[:-1].float().log_softmax(dim=-1)  # [prompt - 1, vocab]
+    top = row.settings.prompt_logprobs
+    return [None, *(token_logprob(logprobs[j], token, top) for j, token in enumerate(row.prompt[1:]))]
