@@ -45,7 +45,7 @@ class ServerConfig:
     max_new_tokens: int = 1024  # cap on a request's max_new_tokens
     default_max_new_tokens: int = 0  # 0: DEFAULT_MAX_NEW_TOKENS, or max_new_tokens when that is lower
     max_total_tokens: int = 0  # prompt + new tokens; 0: the model's context window
-    max_prompts: int = 8  # text prompts in one request
+    max_prompts: int = 16  # text prompts in one request (lm-evaluation-harness batches 16)
     max_body_bytes: int = 1_048_576
     # Serving: continuous batching, backpressure and deadlines.
     # Rows generated together in one step (vLLM's max_num_seqs); 0: DEFAULT_BATCH_SIZE, or on vLLM with GPUs
