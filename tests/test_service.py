@@ -162,6 +162,7 @@ class HoldingEngine:
     looks like to a request that has to wait for a place."""
 
     name = "holding"
+    grammar_form = "compiled"
     context_window = 512
 
     def __init__(self) -> None:

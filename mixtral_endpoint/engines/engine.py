@@ -27,7 +27,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from mixtral_endpoint.protocol.errors import ModelNotReady
 from mixtral_endpoint.protocol.sampling import Generation, SamplingSettings, TokenLogprob
@@ -51,8 +51,9 @@ class Row:
     # scoring with 24 callers ran at 0.47x the throughput of waking them once per row).
     each_token: bool = True
     on_end: Callable[[Row], None] | None = None  # the core's admission count, released once
-    # settings.constraint compiled for our engine's vocabulary (an xgrammar CompiledGrammar), by the core's
-    # cache; vLLM compiles the constraint itself. Our engine keeps the row's matcher of it in `matcher`.
+    # settings.constraint in the engine's grammar_form: compiled for our engine's vocabulary (an xgrammar
+    # CompiledGrammar, from the core's cache), or on vLLM its EBNF text. Our engine keeps the row's matcher
+    # of it in `matcher`.
     grammar: Any = None
     matcher: Any = None
     tokens: list[int] = field(default_factory=list)  # written by the engine thread only
@@ -142,6 +143,9 @@ class Capacity:
 
 class Engine(Protocol):
     name: str
+    # How a Row carries its constraint's grammar: compiled by the core (xgrammar, for our matcher), or its
+    # EBNF text, which the engine compiles itself (vLLM's structured outputs).
+    grammar_form: Literal["compiled", "ebnf"]
     context_window: int  # prompt + new tokens of one row, at most
     eos_id: int
     capacity: Capacity

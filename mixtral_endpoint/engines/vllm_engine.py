@@ -53,6 +53,7 @@ _shared: dict[str, Any] = {}  # "key": the engine arguments, "engine", "users"
 
 class VllmEngine(EngineThread):
     name = "vllm"
+    grammar_form = "ebnf"
 
     def __init__(self, build: Callable[[], Any], *, eos_id: int, context_window: int, vocab_size: int,
                  max_num_seqs: int) -> None:

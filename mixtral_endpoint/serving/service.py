@@ -77,7 +77,7 @@ class Scorer:
         self.tokenizer = tokenizer
         self.config = config
         self.line = line_for(engine, config.max_queue)
-        self.grammars = Grammars(tokenizer) if engine.name != "vllm" else None  # vLLM compiles its own
+        self.grammars = Grammars(tokenizer) if engine.grammar_form == "compiled" else None
         self.collector = DataCollector() if config.data_collection else None
         self.screen = None if not config.content_safety_endpoint else Screen(
             config.content_safety_endpoint, threshold=config.content_safety_threshold,

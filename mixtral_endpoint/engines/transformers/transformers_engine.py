@@ -40,6 +40,7 @@ class EngineFault(RuntimeError):
 
 class TransformersEngine(EngineThread):
     name = "transformers"
+    grammar_form = "compiled"
 
     def __init__(self, load: Callable[[], Stepper], *, max_batch: int, admit_after_s: float = 0.05) -> None:
         self.max_batch = max_batch
