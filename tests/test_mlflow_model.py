@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import subprocess
@@ -149,4 +150,16 @@ def test_a_model_that_cannot_take_settings_is_refused_before_loading(tiny_checkp
     del mlmodel["flavors"]["python_function"]["config"]  # as packaged before the settings were handed down
     (out / "MLmodel").write_text(yaml.safe_dump(mlmodel))
     with pytest.raises(CheckpointError, match="package it again"):
+        load_scorer(out, ServerConfig())
+
+
+def test_a_model_packaged_by_another_version_is_refused_before_loading(tiny_checkpoint: Path, tmp_path: Path):
+    """Its code may import modules that have moved (the layer folders did that), and its signature would refuse
+    the parameters added since: package it again, says the error."""
+    out = package_model(tiny_checkpoint, tmp_path / "old", reference=True)
+    mlmodel = yaml.safe_load((out / "MLmodel").read_text())
+    params = json.loads(mlmodel["signature"]["params"])
+    mlmodel["signature"]["params"] = json.dumps([p for p in params if p["name"] != "n"])  # as before `n` came
+    (out / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    with pytest.raises(CheckpointError, match="another version of mixtral-endpoint.*package it again"):
         load_scorer(out, ServerConfig())

@@ -85,11 +85,17 @@ def checkpoint_dir(artifacts: dict[str, str]) -> Path:
 def load_scorer(model_dir: Path, config: ServerConfig) -> Scorer:
     """Loads model/ through MLflow, as every door does, with the door's settings; returns its Scorer."""
     path = find_mlmodel(model_dir)
-    flavor = mlflow.models.Model.load(str(path)).flavors["python_function"]
-    if SERVER_CONFIG not in flavor.get("config", {}):
+    packaged = mlflow.models.Model.load(str(path))
+    if SERVER_CONFIG not in packaged.flavors["python_function"].get("config", {}):
         # MLflow would drop the settings with a warning, and load_context read the environment again.
         raise CheckpointError(f"{path} was packaged by an older mixtral-endpoint that cannot take its settings "
                               "from the entry script; package it again (make clean model)")
+    theirs = [spec.name for spec in packaged.signature.params.params] if packaged.signature.params else []
+    if theirs != [spec.name for spec in signature().params.params]:
+        # Its code (model_code.py) may name modules that have moved, and its signature would refuse or drop
+        # the parameters added since.
+        raise CheckpointError(f"{path} was packaged by another version of mixtral-endpoint (its parameters differ "
+                              "from this one's); package it again (make clean model, or mixtral-endpoint package)")
     model = mlflow.pyfunc.load_model(str(path), model_config={SERVER_CONFIG: dataclasses.asdict(config)})
     return model.unwrap_python_model().scorer
 
