@@ -163,3 +163,12 @@ def test_a_model_packaged_by_another_version_is_refused_before_loading(tiny_chec
     (out / "MLmodel").write_text(yaml.safe_dump(mlmodel))
     with pytest.raises(CheckpointError, match="another version of mixtral-endpoint.*package it again"):
         load_scorer(out, ServerConfig())
+
+
+def test_predict_takes_n_and_logprobs_from_params(loaded: mlflow.pyfunc.PyFuncModel):
+    params = {"max_new_tokens": 3, "n": 2, "logprobs": 1, "do_sample": True, "seed": 4, "ignore_eos": True}
+    text, chat = loaded.predict({"input_string": ["Once upon a time"]}, params=params), loaded.predict(
+        {"input_string": [{"role": "user", "content": "Hi"}]}, params=params)
+    (rows,) = text  # one input row, its two answers
+    assert len(rows) == 2 and all(len(r["logprobs"]) == 3 and len(r["logprobs"][0]["top"]) == 1 for r in rows)
+    assert len(chat[0]["choices"]) == 2 and chat[0]["usage"]["completion_tokens"] == 6

@@ -58,7 +58,8 @@ class MixtralModel(mlflow.pyfunc.PythonModel):
 
         The `input_data` object of a request is one row, so `predict(input_data, params)[0]` is
         /score's answer. In a DataFrame, a row holding one text prompt gets that prompt's row
-        (`{"0": ..., "finish_reason", "usage"}`), and a row holding a conversation its chat response.
+        (`{"0": ..., "finish_reason", "usage"}`; with n > 1, the list of its n rows), and a row holding a
+        conversation its chat response.
         """
         # MLflow fills in every parameter the signature lists; None is "not given" (max_new_tokens's
         # default is the server's, so the signature leaves it None).
@@ -68,7 +69,8 @@ class MixtralModel(mlflow.pyfunc.PythonModel):
             results = score_api.score_all(self.scorer, [
                 {"input_data": {"input_string": [item] if isinstance(item, str) else item}, "parameters": parameters}
                 for item in items])
-            return [result[0] if isinstance(item, str) else result for item, result in zip(items, results, strict=True)]
+            return [result[0] if isinstance(item, str) and len(result) == 1 else result
+                    for item, result in zip(items, results, strict=True)]
         except Exception as exc:
             # MLflow's scoring server turns an MlflowException into its status and a JSON message
             # (anything else into a 500 that carries the traceback).
