@@ -49,6 +49,15 @@ OPENAI_TOOLS = {"model": "mixtral-8x7b", "max_tokens": 4, "parallel_tool_calls":
                              {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]}
 OPENAI_COMPLETIONS = {"model": "mixtral-8x7b", "prompt": ["Once upon a time"], "max_tokens": 4, "echo": False,
                       "stop": "\n", "top_k": 5}
+# What evaluation and benchmark tools send: log-probabilities, n, OpenAI's penalties and bias, vLLM's extras.
+SAMPLING = {"n": 2, "presence_penalty": 0.5, "frequency_penalty": -0.5, "logit_bias": {"5": 1.5}, "min_p": 0.1,
+            "min_tokens": 1, "stop_token_ids": [5], "seed": 3}
+OPENAI_CHAT_LOGPROBS = {"model": "mixtral-8x7b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                        "logprobs": True, "top_logprobs": 2, **SAMPLING}
+OPENAI_ECHO = {"model": "mixtral-8x7b", "prompt": [[1, 415], [1, 5565, 302]], "max_tokens": 1, "temperature": 0,
+               "logprobs": 1, "echo": True, "prompt_logprobs": 1, **SAMPLING}
+SCORE_SAMPLING = {"input_data": {"input_string": ["Once upon a time"]},
+                  "parameters": {"max_new_tokens": 4, "logprobs": 2, "prompt_logprobs": 0, **SAMPLING}}
 
 
 def mutations(node: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
@@ -65,8 +74,9 @@ def mutations(node: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any
 
 
 def named(path: tuple[Any, ...]) -> list[str]:
-    """The JSON paths an error about this field may name: the field, or any field above it."""
-    text, names = "", [""]
+    """The JSON paths an error about this field may name: the field, or any field above it (not the body as a
+    whole: a param of "" would match every field)."""
+    text, names = "", []
     for key in path:
         text = f"{text}[{key}]" if isinstance(key, int) else (f"{text}.{key}" if text else key)
         names.append(text)
@@ -103,6 +113,11 @@ BODIES = {
     "openai tools": (OPENAI_TOOLS, lambda body: openai_protocol.parse(body, "chat", LIMITS, extra_parameters=None), {}),
     "openai completions": (OPENAI_COMPLETIONS, lambda body: openai_protocol.parse(
         body, "completions", LIMITS, extra_parameters="pass-through"), {}),
+    "openai chat logprobs": (OPENAI_CHAT_LOGPROBS, lambda body: openai_protocol.parse(
+        body, "chat", LIMITS, extra_parameters=None), {}),
+    "openai echo": (OPENAI_ECHO, lambda body: openai_protocol.parse(body, "completions", LIMITS,
+                                                                    extra_parameters=None), {}),
+    "score sampling": (SCORE_SAMPLING, lambda body: parse_request(body, LIMITS), {}),
     "mlflow input": ({"input_string": SCORE_CHAT["input_data"]["input_string"]}, mlflow_requests,
                      {"input_data.input_string": "input_string"}),
 }
@@ -133,7 +148,9 @@ def test_the_live_server_answers_mutated_bodies_with_200_or_a_json_4xx(server: s
     """A sample of the same bodies through a real azmlinfsrv (every 25th of each door's): parsing is shared,
     so this checks the doors around it (reading, routing, rendering) add no 500."""
     routes = {"score chat": "/score", "score text": "/score", "openai chat": "/v1/chat/completions",
-              "openai tools": "/v1/chat/completions", "openai completions": "/v1/completions"}
+              "openai tools": "/v1/chat/completions", "openai completions": "/v1/completions",
+              "openai chat logprobs": "/v1/chat/completions", "openai echo": "/v1/completions",
+              "score sampling": "/score"}
     for name, route in routes.items():
         good = BODIES[name][0]
         for i, (path, body) in enumerate(mutations(good)):

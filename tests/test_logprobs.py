@@ -128,7 +128,7 @@ def test_score_takes_the_same_parameters_and_shapes_n_and_logprobs(any_scorer: S
 
 
 @pytest.mark.parametrize(("body", "param"), [
-    ({"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": CHAT, "top_logprobs": 2}, "logprobs"),
     ({"messages": CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": CHAT, "logprobs": "yes"}, "logprobs"),
     ({"prompt": "a", "logprobs": 21}, "logprobs"),

@@ -118,7 +118,7 @@ def test_langchain_chat_openai_gets_the_same_answer(server: str):
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"n": 17}, "n"),
-    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"top_logprobs": 2}, "logprobs"),
     ({"best_of": 2}, "best_of"),
     ({"messages": [{"role": "user", "content": SECRET}, {"role": "user", "content": SECRET}]}, "messages[1].role"),
     ({"messages": [{"role": "tool", "content": SECRET}]}, "messages[0].role"),

@@ -128,7 +128,7 @@ def _logprobs(body: dict[str, Any], route: Route, parameters: dict[str, Any]) ->
         if logprobs is not None and not isinstance(logprobs, bool):
             raise InvalidRequest(f"logprobs must be a boolean, got {json_type(logprobs)}", param="logprobs")
         if top is not None and logprobs is not True:
-            raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+            raise InvalidRequest("logprobs must be true when top_logprobs is set", param="logprobs")
         if logprobs:
             parameters["logprobs"] = 0 if top is None else top
         return False, False

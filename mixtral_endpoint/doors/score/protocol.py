@@ -30,8 +30,6 @@ from mixtral_endpoint.protocol.request import (
 from mixtral_endpoint.protocol.validation import check, json_path, load_schema
 
 INPUT = "input_data.input_string"
-FIELDS = Fields(input=INPUT, message=lambda i: f"{INPUT}[{i}]", prompt=lambda i: f"{INPUT}[{i}]",
-                parameter=lambda name: json_path(["parameters", name]))
 
 
 def parse_request(payload: Any, limits: RequestLimits) -> ScoringRequest:
@@ -41,11 +39,15 @@ def parse_request(payload: Any, limits: RequestLimits) -> ScoringRequest:
                               (["input_data", "parameters"], input_data.get("parameters", {}))):
         check_parameters(parameters, lambda name, where=where: json_path([*where, name]))
     parameters = _merged_parameters(payload)
+    top = payload.get("parameters", {})
+    fields = Fields(input=INPUT, message=lambda i: f"{INPUT}[{i}]", prompt=lambda i: f"{INPUT}[{i}]",
+                    parameter=lambda name: json_path([*(["parameters"] if name in top or name not in parameters
+                                                        else ["input_data", "parameters"]), name]))
     items = input_data["input_string"]
     if isinstance(items[0], dict):
         return build_request(conversation=[Message(m["role"], m["content"]) for m in items], parameters=parameters,
-                             limits=limits, fields=FIELDS)
-    return build_request(prompts=items, parameters=parameters, limits=limits, fields=FIELDS)
+                             limits=limits, fields=fields)
+    return build_request(prompts=items, parameters=parameters, limits=limits, fields=fields)
 
 
 def render(request: ScoringRequest, completions: list[Completion]) -> dict[str, Any] | list[dict[str, Any]]:
