@@ -16,6 +16,7 @@ from azureml_inference_server_http.api.aml_response import AMLResponse
 from mixtral_endpoint.doors.mlflow_model.pyfunc import load_scorer
 from mixtral_endpoint.doors.openai import routes as openai_routes
 from mixtral_endpoint.doors.openai import tokenization
+from mixtral_endpoint.doors.responses import routes as responses_routes
 from mixtral_endpoint.doors.score import serving as score_api
 from mixtral_endpoint.protocol.config import ServerConfig
 from mixtral_endpoint.protocol.errors import InvalidRequest, ModelNotReady, ScoringError, as_scoring_error
@@ -42,6 +43,7 @@ def init() -> None:
     # The OpenAI / Azure AI Model Inference routes: azmlinfsrv registers its blueprint after init().
     openai_routes.register(routes.main_blueprint, lambda: scorer)
     tokenization.register(routes.main_blueprint, lambda: scorer)
+    responses_routes.register(routes.main_blueprint, lambda: scorer)
 
 
 def _exit_worker(error: BaseException) -> None:

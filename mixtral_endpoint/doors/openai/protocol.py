@@ -85,7 +85,7 @@ def parse(body: Any, route: Route, limits: RequestLimits, *, extra_parameters: s
                              param="response_format")
     name = functools.partial(_openai_name, body=body)
     if route == "chat":
-        messages, origin = _messages(body, tool_use)
+        messages, origin = conversation(body, tool_use)
         fields = Fields(input="messages", message=lambda k: f"messages[{origin[k]}]", prompt=lambda i: "messages",
                         parameter=name)
         request = build_request(conversation=messages, parameters=parameters, limits=limits, fields=fields)
@@ -173,8 +173,9 @@ def _parameters(body: dict[str, Any], route: Route, mode: str) -> dict[str, Any]
     return parameters
 
 
-def _messages(body: dict[str, Any], tool_use: ToolUse | None) -> tuple[list[Message], list[int]]:
-    """The conversation, and the index in `messages` each of its messages came from.
+def conversation(body: dict[str, Any], tool_use: ToolUse | None) -> tuple[list[Message], list[int]]:
+    """The conversation of a body's `messages`, and the index in them each of its messages came from (the
+    Responses door converts its input items into such messages and shares this).
 
     With tools, their instructions join the system message; an assistant's tool_calls become the array it
     answered with, and `tool` messages (with any user text after them) one user turn (protocol/tools.py)."""
