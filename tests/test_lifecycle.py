@@ -261,6 +261,7 @@ def test_a_step_stalled_past_the_limit_kills_the_engine_and_answers_every_row_at
     assert running.done.wait(5) and waiting.done.wait(5)
     assert 0.3 <= time.monotonic() - submitted_at < 2
     assert isinstance(running.error, EngineStalled) and waiting.error is running.error
+    wait_until(lambda: bool(deaths))  # called once every row has failed
     assert engine.dead is running.error and deaths == [running.error]
     with pytest.raises(ModelNotReady) as refused:
         engine.submit([Row([1], LONG)])
@@ -286,6 +287,7 @@ def test_steps_under_the_limit_and_idle_time_longer_than_it_are_no_stall():
     engine.submit([row])  # ten steps of 0.05 s: half a second of steps, each under the limit
     assert row.done.wait(10) and row.finish_reason == "length" and engine.dead is None
     engine.close()
+    engine._watchdog.join(5)  # it ends once the engine closes
     assert not engine._thread.is_alive() and not engine._watchdog.is_alive()
 
 
@@ -308,7 +310,9 @@ def test_a_forward_pass_that_blocks_is_a_stall_on_our_engine(engine: Transformer
     engine.submit([row])
     wait_until(lambda: len(row.tokens) >= 2)  # prefill and decode steps under the limit
     armed.set()
-    assert row.done.wait(10) and isinstance(row.error, EngineStalled) and deaths == [row.error]
+    assert row.done.wait(10) and isinstance(row.error, EngineStalled)
+    wait_until(lambda: bool(deaths))
+    assert deaths == [row.error]
     with pytest.raises(ModelNotReady):
         engine.submit([Row([1], LONG)])
     release.set()
@@ -331,7 +335,9 @@ def test_a_vllm_step_that_blocks_is_a_stall():
     engine.watch(0.3)
     row = Row([1, 2, 3], SamplingSettings(max_new_tokens=4))
     engine.submit([row])
-    assert row.done.wait(10) and isinstance(row.error, EngineStalled) and deaths == [row.error]
+    assert row.done.wait(10) and isinstance(row.error, EngineStalled)
+    wait_until(lambda: bool(deaths))
+    assert deaths == [row.error]
     with pytest.raises(ModelNotReady):
         engine.submit([Row([1], LONG)])
     StallingLLM.release.set()
