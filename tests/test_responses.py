@@ -14,6 +14,7 @@ import pytest
 import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from langchain_core.messages import HumanMessage, ToolMessage
 from langchain_openai import ChatOpenAI
 from openai import BadRequestError, NotFoundError, OpenAI
 from openai.types.responses import (
@@ -191,6 +192,19 @@ def test_langchain_responses_api_invoke_and_stream_equal_the_chat_answer(client:
     assert "".join(chunk.text for chunk in llm.stream(messages)) == expected
 
 
+def test_langchain_bind_tools_round_trip_over_the_responses_api(url: str):
+    """LangChain replays the call it got as a function_call item and the ToolMessage as its output."""
+    llm = ChatOpenAI(base_url=url + "/v1", api_key="unused", model=MODEL_NAME, max_tokens=64, max_retries=0,
+                     use_responses_api=True, temperature=0.7, extra_body={"seed": 1})
+    question = HumanMessage("What is the weather in Paris?")
+    called = llm.bind_tools([TOOL], tool_choice="get_weather").invoke([question])
+    (call,) = called.tool_calls
+    jsonschema.validate(call["args"], WEATHER)
+    result = ToolMessage("22 C in Paris", tool_call_id=call["id"])
+    answer = llm.bind_tools([TOOL]).invoke([question, called, result])
+    assert answer.text or answer.tool_calls
+
+
 def test_stored_responses_are_refused_saying_why(client: OpenAI, url: str):
     with pytest.raises(BadRequestError) as caught:
         client.responses.create(model=MODEL_NAME, input="Hi", previous_response_id="resp_1", max_output_tokens=4)
@@ -335,7 +349,7 @@ BODIES = st.dictionaries(FIELDS, JSON, max_size=5) | st.builds(
     lambda items, rest: {"input": items, **rest}, st.lists(ITEM, max_size=3), st.dictionaries(FIELDS, JSON, max_size=3))
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(body=BODIES)
 def test_fuzz_responses_bodies_are_parsed_or_refused_with_a_typed_error(body: dict):
     try:
