@@ -119,7 +119,6 @@ def test_langchain_chat_openai_gets_the_same_answer(server: str):
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"n": 17}, "n"),
     ({"top_logprobs": 2}, "logprobs"),
-    ({"best_of": 2}, "best_of"),
     ({"messages": [{"role": "user", "content": SECRET}, {"role": "user", "content": SECRET}]}, "messages[1].role"),
     ({"messages": [{"role": "tool", "content": SECRET}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},

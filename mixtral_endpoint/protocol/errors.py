@@ -14,6 +14,7 @@ STATUS: dict[str, int] = {
     "invalid_request": 400,
     "context_length_exceeded": 400,
     "content_filter": 400,
+    "not_found": 404,
     "payload_too_large": 413,
     "overloaded": 429,
     "internal_error": 500,
@@ -58,6 +59,12 @@ class ContentFiltered(ScoringError):
     """A prompt that content screening flagged (serving/safety.py); the message names the category."""
 
     code = "content_filter"
+
+
+class NotFound(ScoringError):
+    """A resource the caller named that this server does not hold (a stored response: nothing is stored)."""
+
+    code = "not_found"
 
 
 class PayloadTooLarge(ScoringError):

@@ -53,8 +53,8 @@ _THEIRS = {ours: theirs for theirs, ours in _OURS.items()}
 EXTRAS = tuple(sorted(name for name in _OURS if name not in OPENAI_FIELDS["chat"]))
 EXTRA_MODES = ("error", "drop", "pass-through")
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_STATUS_TYPES = {400: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-                 500: "server_error", 503: "service_unavailable_error"}
+_STATUS_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+                 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable_error"}
 
 
 @dataclass(frozen=True)

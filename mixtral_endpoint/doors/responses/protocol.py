@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from mixtral_endpoint.doors.openai import protocol as openai
 from mixtral_endpoint.protocol.config import MODEL_NAME
-from mixtral_endpoint.protocol.errors import InvalidRequest, ScoringError
+from mixtral_endpoint.protocol.errors import InvalidRequest, NotFound, ScoringError
 from mixtral_endpoint.protocol.parameters import PARAMETERS
 from mixtral_endpoint.protocol.request import Completion, Fields, RequestLimits, ScoringRequest, build_request
 from mixtral_endpoint.protocol.tools import ToolUse, parse_tool_use, read_calls
@@ -466,7 +466,7 @@ class Events:
         return f"event: {kind}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-def not_stored(response_id: str) -> InvalidRequest:
-    """What `GET /v1/responses/{id}` and its siblings answer (with a 404)."""
-    return InvalidRequest(f"response {clip(response_id)!r} is not stored: {STATELESS}", param="response_id")
+def not_stored(response_id: str) -> NotFound:
+    """What `GET /v1/responses/{id}` and its siblings answer."""
+    return NotFound(f"response {clip(response_id)!r} is not stored: {STATELESS}", param="response_id")
 

@@ -23,7 +23,6 @@ from mixtral_endpoint.serving.service import Scorer
 log = logging.getLogger(__name__)
 
 PREFIXES = ("/v1/responses", "/responses")
-NOT_FOUND = 404  # a stored response asked for: errors.STATUS has no code for a missing resource
 
 
 def register(blueprint: flask.Blueprint, scorer: Callable[[], Scorer | None]) -> None:
@@ -77,7 +76,8 @@ def _events(parsed: responses.ResponsesRequest, events: Iterator[str | Completio
 
 def _not_stored(response_id: str) -> flask.Response:
     flask.g.api_name = flask.request.path
-    return _json(openai.error_body(responses.not_stored(response_id)), NOT_FOUND)
+    error = responses.not_stored(response_id)
+    return _json(openai.error_body(error), error.status)
 
 
 def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> flask.Response:
