@@ -173,3 +173,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             continue
         runs_vllm = needs & _VLLM_FIXTURES or "vllm" in params.values()
         item.add_marker(pytest.mark.vllm if runs_vllm else pytest.mark.transformers)
+        if needs & _VLLM_FIXTURES or "vllm" in (params.get("any_scorer"), params.get("any_server")):
+            # `make test` runs two pytest-xdist workers: every test of the session's vLLM engine and vLLM server
+            # on one of them, so neither is started twice (vLLM holds one engine per process).
+            item.add_marker(pytest.mark.xdist_group("vllm-session"))
