@@ -5,9 +5,9 @@ BIN := $(VENV)/bin
 PORT ?= 5001
 THREADS ?= 24
 
-.PHONY: install model serve test lint bench soak sample-response clean
+.PHONY: install prometheus model serve test lint bench soak sample-response clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed prometheus
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt pyproj
 	# vLLM serves text models without them.
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
+
+# Debian's Prometheus (a server, not a Python package), which tests/test_prometheus.py runs against live servers;
+# installed only where `prometheus` is not on the PATH. As root, or through sudo.
+prometheus:
+	@command -v prometheus >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -q --no-install-recommends prometheus; }
 
 # The embedded tiny Mixtral, packaged as an MLflow model, when model/ holds no model yet: a real
 # checkpoint packaged there is never overwritten (`make clean` empties model/).

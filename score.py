@@ -12,6 +12,8 @@ from pathlib import Path
 import flask
 from azureml_inference_server_http.api.aml_request import rawhttp
 from azureml_inference_server_http.api.aml_response import AMLResponse
+from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client import CollectorRegistry
 
 from mixtral_endpoint.doors.mlflow_model.pyfunc import load_scorer
 from mixtral_endpoint.doors.openai import routes as openai_routes
@@ -20,17 +22,19 @@ from mixtral_endpoint.doors.responses import routes as responses_routes
 from mixtral_endpoint.doors.score import serving as score_api
 from mixtral_endpoint.protocol.config import ServerConfig
 from mixtral_endpoint.protocol.errors import InvalidRequest, ModelNotReady, ScoringError, as_scoring_error
+from mixtral_endpoint.serving import azure_monitor
 from mixtral_endpoint.serving.service import Scorer
 
 log = logging.getLogger("mixtral_endpoint.score")
 scorer: Scorer | None = None
+metrics_export: MeterProvider | None = None  # the MeterProvider sending the metrics to Azure Monitor, when on
 # The worker's exit status when its engine dies. gunicorn halts the whole server on 3 (WORKER_BOOT_ERROR)
 # and 4 (APP_LOAD_ERROR), and answers any other status with a fresh worker, which runs init() again.
 ENGINE_DIED = 70  # EX_SOFTWARE
 
 
 def init() -> None:
-    global scorer
+    global scorer, metrics_export
     from azureml_inference_server_http.server import routes
 
     _log_to_stderr(logging.getLogger("mixtral_endpoint"))
@@ -40,6 +44,7 @@ def init() -> None:
     scorer = load_scorer(Path(os.environ.get("AZUREML_MODEL_DIR", "model")), config)
     # azmlinfsrv's health route cannot report a dead engine: end the worker, and gunicorn starts a fresh one.
     scorer.engine.on_death.append(_exit_worker)
+    metrics_export = _metrics_to_azure_monitor(routes.main_blueprint, scorer.metrics.registry)
     # The OpenAI / Azure AI Model Inference routes: azmlinfsrv registers its blueprint after init().
     openai_routes.register(routes.main_blueprint, lambda: scorer)
     tokenization.register(routes.main_blueprint, lambda: scorer)
@@ -89,6 +94,19 @@ def _log_to_app_insights(logger: logging.Logger, blueprint: object) -> None:
     if handler is not None and handler not in logger.handlers:
         logger.addHandler(handler)
         log.info("per-request lines go to Application Insights, with their fields as customDimensions")
+
+
+def _metrics_to_azure_monitor(blueprint: object, registry: CollectorRegistry) -> MeterProvider | None:
+    """With the deployment's app_insights_enabled (azmlinfsrv's Application Insights client is on), the metrics
+    GET /metrics shows also go to Application Insights every interval, each instance under its own name
+    (serving/azure_monitor.py). Off, nothing is started."""
+    if not getattr(getattr(blueprint, "appinsights_client", None), "enabled", False):
+        return None
+    from azureml_inference_server_http.server.config import config as server_config
+
+    key = server_config.app_insights_key.get_secret_value()
+    return azure_monitor.start(registry, azure_monitor.connection_string(os.environ, key),
+                               instance=azure_monitor.instance_name(os.environ), service=server_config.service_name)
 
 
 def _error(exc: ScoringError) -> AMLResponse:

@@ -7,11 +7,13 @@ serves every caller, so one in-process registry holds every count: no multiproce
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from mixtral_endpoint.engines.engine import Row
+from mixtral_endpoint.protocol.errors import STATUS, ModelNotReady, Overloaded, ScoringError
 from mixtral_endpoint.serving.line import Line
 
 LABELS = ("model_name", "engine")  # vLLM's; engine is its engine index, "0" for one engine
@@ -22,6 +24,8 @@ TIME_TO_FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 
 INTER_TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                                20.0, 40.0, 80.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# vLLM's finished_reason values (stop, length, abort, error), then ours (record()).
+FINISHED_REASONS = ("stop", "length", "abort", "error", "time_limit", "content_filter")
 
 
 def token_buckets(max_model_len: int) -> list[float]:
@@ -54,6 +58,8 @@ class Metrics:
                                       "Number of generation tokens processed.").labels(**values)
         self._success = make(Counter, "vllm:request_success", "Count of successfully processed requests.",
                              extra=("finished_reason",))
+        for reason in FINISHED_REASONS:  # as vLLM does: a rate counts the first row of each reason too
+            self._success.labels(**values, finished_reason=reason)
         self._values = values
         tokens = token_buckets(max_model_len)
         self.request_prompt_tokens = make(Histogram, "vllm:request_prompt_tokens",
@@ -82,6 +88,28 @@ class Metrics:
         self.max_num_generation_tokens = make(Histogram, "vllm:request_max_num_generation_tokens",
                                               "Histogram of maximum number of requested generation tokens.",
                                               buckets=tokens).labels(**values)
+        # Ours, beside vLLM's (observability/: the dashboard and alert rules that read them).
+        healthy = make(Gauge, "mixtral:engine_healthy",
+                       "1 while the engine can serve; 0 once it died or stalled (its worker is being replaced).")
+        # A stand-in engine without `dead` (a test's) counts as healthy.
+        healthy.labels(**values).set_function(lambda: float(getattr(line.engine, "dead", None) is None))
+        make(Gauge, "mixtral:engine_start_time_seconds",
+             "Unix time this process's engine started serving: a new value is a fresh worker after a death."
+             ).labels(**values).set(time.time())
+        make(Gauge, "mixtral:max_num_requests_running", "Rows the engine's batch holds at most."
+             ).labels(**values).set(line.capacity.rows)
+        make(Gauge, "mixtral:max_num_requests_waiting",
+             "Rows the line lets wait at most (MIXTRAL_MAX_QUEUE); past it, 429.").labels(**values).set(line.max_queue)
+        self._refused = make(Counter, "mixtral:requests_refused",
+                             "Requests refused whole before any row ran: 429 overloaded (the line is full), "
+                             "503 model_not_ready (the engine died or is closing).", extra=("code", "status"))
+        for error in (Overloaded, ModelNotReady):  # both series from the start, at 0, so a rate has data
+            self._refused.labels(**values, code=error.code, status=str(STATUS[error.code]))
+
+    def refused(self, error: ScoringError) -> None:
+        """A request the core refused whole, before any of its rows ran (the line full, the engine dead).
+        Counted once per request, not per row: none of its rows was admitted."""
+        self._refused.labels(**self._values, code=error.code, status=str(error.status)).inc()
 
     def record(self, rows: Sequence[Row], token_counts: Sequence[int], finish_reasons: Sequence[str],
                now: float) -> None:
