@@ -307,8 +307,6 @@ def test_refusals_are_counted_by_status_and_code_from_zero():
     assert value(samples, "mixtral:requests_refused_total", status="503", code="model_not_ready") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="the core does not count its refusals yet: serving/service.py's Scorer._submit "
-                   "should call self.metrics.refused(exc) where line.take raises a ScoringError")
 def test_the_core_counts_the_requests_its_line_refuses(scorer: Scorer, monkeypatch: pytest.MonkeyPatch):
     payload = {"input_data": {"input_string": ["Once upon a time"]}, "parameters": {"max_new_tokens": 2}}
     before = exposed(scorer.metrics)

@@ -163,8 +163,10 @@ class Scorer:
                 verdicts = [self.screen.start_prompt(text) for text in _screened_prompts(request, self.tokenizer)]
                 for verdict in verdicts:
                     verdict.check_prompt(param=request.fields.input)
-        except BaseException:
+        except BaseException as exc:
             self.line.cancel(rows)
+            if isinstance(exc, ScoringError) and exc.status in (429, 503):  # screening's backlog, or its failure
+                self.metrics.refused(exc)
             raise
         return rows, texts, sink
 
@@ -215,9 +217,11 @@ class Scorer:
                              context=() if request.is_chat else p[-_CONTEXT_TOKENS:]) for p in prompts]
         try:
             self.line.take(rows)
-        except BaseException:
+        except BaseException as exc:
             for row in rows:
                 row.finish("error")  # gives their places in the line back
+            if isinstance(exc, ScoringError):  # the line full, or the engine dead or closing
+                self.metrics.refused(exc)
             raise
         return rows, texts, sink
 
