@@ -79,8 +79,9 @@ def test_long_texts_are_screened_in_chunks_of_1000_characters(core: Scorer, fake
 
 def test_a_flagged_answer_is_withheld_with_finish_reason_content_filter(core: Scorer, fake: FakeContentSafety):
     fake.flag_after = 1  # the prompt passes; the answer does not
-    body = score_api.score(core, chat("Tell me a story.", return_token_ids=True))
+    body = score_api.score(core, chat("Tell me a story.", return_token_ids=True, logprobs=1))
     assert body["finish_reason"] == "content_filter" and body["output"] == "" and body["token_ids"] == []
+    assert body["logprobs"] == []  # their tokens would spell the withheld answer
 
 
 def test_a_stream_flagged_midway_keeps_only_what_was_screened(core: Scorer, fake: FakeContentSafety):

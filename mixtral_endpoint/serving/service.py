@@ -395,8 +395,10 @@ def _screened_prompts(request: ScoringRequest, tokenizer: PromptTokenizer) -> li
 
 
 def _withheld(completion: Completion, released: str) -> Completion:
-    """A flagged answer: only the text a stream had released (screened windows) stays; no token ids."""
-    return replace(completion, text=released, token_ids=(), finish_reason="content_filter")
+    """A flagged answer: only the text a stream had released (screened windows) stays; no token ids, and no
+    log-probabilities (their tokens would spell the withheld text)."""
+    return replace(completion, text=released, token_ids=(), finish_reason="content_filter",
+                   logprobs=None if completion.logprobs is None else ())
 
 
 def _too_large(size: str, limit: int) -> PayloadTooLarge:
