@@ -125,10 +125,11 @@ def test_a_caller_that_disconnects_mid_stream_stops_its_generation(any_server: t
     server, server_log = any_server
     host, port = server.removeprefix("http://").split(":")
     body = json.dumps(text("Once upon a time", max_new_tokens=64, ignore_eos=True, stream=True)).encode()
+    # Gone as soon as the request is sent: waiting to read the status line first let the tiny model finish all
+    # 64 tokens (0.2 s on vLLM) while this process was off the CPU, so nothing was left to cancel.
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-request-id: gone\r\n"
                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        assert b"200" in sock.recv(64)
     deadline = time.monotonic() + 30
     cancelled = re.compile(r"request=gone engine=\S+ cancelled: .* after (\d+) tokens")
     while not (stopped := cancelled.findall(server_log.read_text())):
