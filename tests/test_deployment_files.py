@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .test_sizing import SKUS
+from .test_sizing import GIB, SKUS
 
 ROOT = Path(__file__).resolve().parent.parent
-# GPU memory per instance type, in GB (10^9 bytes), for the SKUs this project names.
-SKU_GPU_GB = {"Standard_NC48ads_A100_v4": 2 * 80, "Standard_NC96ads_A100_v4": 4 * 80,
-              "Standard_ND96asr_v4": 8 * 40, "Standard_ND96amsr_A100_v4": 8 * 80}
+# GPUs per instance and memory per GPU, for every SKU a deployment file names: the sizing tests' table plus the
+# 8-GPU SKUs. Source: Azure's GPU-accelerated VM sizes (NDm A100 v4: 8 x A100 80 GB; ND H100 v5: 8 x H100 80 GB),
+# as Hugging Face's Azure ML hardware table repeats them. The H100 80 GB as nvidia-smi reports it (81,559 MiB).
+SKU_GPUS = {**SKUS, "Standard_ND96amsr_A100_v4": (8, 80 * GIB), "Standard_ND96isr_H100_v5": (8, 81_559 * 2**20)}
 # The other SKUs' settings: deployments/*.yml, each a managed online deployment of its own.
 SKU_FILES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "deployments").glob("*.yml"))
 AZURE_REQUEST_TIMEOUT_CAP_MS = 180_000
@@ -116,7 +117,7 @@ def test_each_sku_file_loads_and_keeps_its_concurrency_timeouts_and_probes(name:
 
     deployment = load(name)
     online = load_online_deployment(ROOT / name)
-    assert online.instance_type == deployment["instance_type"] and deployment["instance_type"] in SKUS
+    assert online.instance_type == deployment["instance_type"] and deployment["instance_type"] in SKU_GPUS
     assert online.endpoint_name == load("endpoint.yml")["name"]
     assert (ROOT / name).parent.joinpath(deployment["code_configuration"]["code"]).resolve() == ROOT
     assert online.environment.conda_file["name"] == load("conda.yaml")["name"]
@@ -126,14 +127,60 @@ def test_each_sku_file_loads_and_keeps_its_concurrency_timeouts_and_probes(name:
         "model_inputs", "model_outputs"}
     env = {k: str(v) for k, v in deployment["environment_variables"].items()}
     assert set(env) - set(load("deployment.yml")["environment_variables"]) <= {
-        "MIXTRAL_MAX_GPU_MEMORY", "MIXTRAL_GPU_MEMORY_UTILIZATION", "MIXTRAL_KV_CACHE_DTYPE"}
+        "MIXTRAL_MAX_GPU_MEMORY", "MIXTRAL_GPU_MEMORY_UTILIZATION", "MIXTRAL_KV_CACHE_DTYPE",
+        "WORKER_COUNT", "MIXTRAL_TENSOR_PARALLEL_SIZE"}
     config = ServerConfig.from_env(env)
     assert config.engine == "vllm"
     threads = int(re.search(r"--threads (\d+)", env["GUNICORN_CMD_ARGS"])[1])
-    assert deployment["request_settings"]["max_concurrent_requests_per_instance"] == threads
+    # One engine replica per gunicorn worker (azmlinfsrv's WORKER_COUNT, 1 unset): Azure lets in what they all hold.
+    workers = int(env.get("WORKER_COUNT", "1"))
+    assert deployment["request_settings"]["max_concurrent_requests_per_instance"] == workers * threads
     assert threads == config.max_batch_size + config.max_queue
     assert config.request_timeout_s * 1000 < deployment["request_settings"]["request_timeout_ms"] <= 180_000
     assert int(env["WORKER_TIMEOUT"]) > MIXTRAL_PARAMETERS * 2 / 200e6
     for probe in ("liveness_probe", "readiness_probe"):
         p = deployment[probe]
         assert p["initial_delay"] + p["period"] * p["failure_threshold"] > MIXTRAL_PARAMETERS * 2 / 200e6, probe
+
+
+@pytest.mark.parametrize("name", [n for n in SKU_FILES if "WORKER_COUNT" in load(n)["environment_variables"]])
+def test_replicas_split_the_skus_gpus_into_groups_that_each_take_one_worker_and_its_connections(name: str):
+    """Each gunicorn worker is one engine replica on its own MIXTRAL_TENSOR_PARALLEL_SIZE GPUs: the groups use
+    every GPU of the SKU once, and a worker accepts no more connections than its replica's threads, so that a
+    full replica leaves the next caller to another worker."""
+    deployment = load(name)
+    env = {k: str(v) for k, v in deployment["environment_variables"].items()}
+    gpus, memory = SKU_GPUS[deployment["instance_type"]]
+    workers, tensor_parallel = int(env["WORKER_COUNT"]), int(env["MIXTRAL_TENSOR_PARALLEL_SIZE"])
+    assert workers > 1 and workers * tensor_parallel == gpus
+    # One replica holds the bf16 weights (2 bytes a parameter) in its group with a quarter left for a cache.
+    usable = tensor_parallel * memory * float(env["MIXTRAL_GPU_MEMORY_UTILIZATION"])
+    assert usable * 0.75 > MIXTRAL_PARAMETERS * 2
+    threads = int(re.search(r"--threads (\d+)", env["GUNICORN_CMD_ARGS"])[1])
+    assert int(re.search(r"--worker-connections (\d+)", env["GUNICORN_CMD_ARGS"])[1]) == threads
+    # Each replica is deployment.yml's own (2 GPUs, its batch and line), so its sizing and tests carry over.
+    blue = load("deployment.yml")["environment_variables"]
+    assert {k: env[k] for k in ("MIXTRAL_MAX_BATCH_SIZE", "MIXTRAL_MAX_QUEUE", "MIXTRAL_DTYPE")} == {
+        k: str(blue[k]) for k in ("MIXTRAL_MAX_BATCH_SIZE", "MIXTRAL_MAX_QUEUE", "MIXTRAL_DTYPE")}
+    assert tensor_parallel == SKU_GPUS[load("deployment.yml")["instance_type"]][0]
+
+
+def test_green_is_deployment_yml_under_another_name():
+    """The safe rollout's second deployment (docs/deploying.md): the same server, settings and probes, so that the
+    only change between blue and green is the one being rolled out. Paths differ only by the folder it sits in."""
+    from azure.ai.ml import load_online_deployment
+
+    blue, green = load("deployment.yml"), load("deployments/green.yml")
+    assert (blue["name"], green["name"]) == ("blue", "green")
+    assert green["code_configuration"]["code"] == ".." and green["environment"]["conda_file"] == "../conda.yaml"
+    moved = {"name", "code_configuration", "environment"}
+    assert {k: v for k, v in green.items() if k not in moved} == {k: v for k, v in blue.items() if k not in moved}
+    assert {**green["environment"], "conda_file": "conda.yaml"} == blue["environment"]
+    assert green["code_configuration"]["scoring_script"] == blue["code_configuration"]["scoring_script"]
+    sdk_blue, sdk_green = load_online_deployment(ROOT / "deployment.yml"), load_online_deployment(
+        ROOT / "deployments/green.yml")
+    # The SDK keeps the code path as written and reads the conda file from the deployment file's folder.
+    assert (ROOT / "deployments" / sdk_green.code_configuration.code).resolve() == ROOT
+    assert sdk_green.environment.conda_file == sdk_blue.environment.conda_file
+    assert sdk_green.request_settings.max_concurrent_requests_per_instance == (
+        sdk_blue.request_settings.max_concurrent_requests_per_instance)

@@ -16,8 +16,7 @@ from mixtral_endpoint.model.placement import GIB, kv_cache_bytes
 from mixtral_endpoint.protocol.config import ServerConfig
 from mixtral_endpoint.protocol.errors import ConfigError, DoesNotFit
 
-from .test_deployment_files import SKU_FILES, load
-from .test_sizing import SKUS
+from .test_deployment_files import SKU_FILES, SKU_GPUS, load
 
 A100 = 80 * GIB
 
@@ -119,7 +118,9 @@ def test_each_deployment_file_fills_its_gpus_with_rows_its_cache_holds(name: str
     """vLLM starts under the file's own settings with the whole window, and its paged cache holds the file's
     batch of typical rows (1000 prompt + 500 new tokens): no place in the batch waits on a cache it lacks."""
     deployment = load(name)
-    count, memory = SKUS[deployment["instance_type"]]
+    count, memory = SKU_GPUS[deployment["instance_type"]]
+    # One engine replica per gunicorn worker (WORKER_COUNT), each on its own group of the SKU's GPUs.
+    count //= int(deployment["environment_variables"].get("WORKER_COUNT", 1))
     gpus(monkeypatch, count, memory)
     env = {k: str(v) for k, v in deployment["environment_variables"].items() if k.startswith("MIXTRAL_")}
     checkpoint = inspect_checkpoint(mixtral_fp8 if "fp8" in deployment["model"] else mixtral)
