@@ -21,7 +21,7 @@ from mixtral_endpoint.protocol.constraints import (
     check_schema,
 )
 from mixtral_endpoint.protocol.errors import InvalidRequest
-from mixtral_endpoint.protocol.request import Completion, RequestLimits
+from mixtral_endpoint.protocol.request import Completion, Piece, RequestLimits
 from mixtral_endpoint.protocol.tools import MAX_TOOLS, RESULTS_HEADER, parse_tool_use, read_calls
 
 LIMITS = RequestLimits(max_new_tokens=64, default_max_new_tokens=16, max_prompts=4)
@@ -150,9 +150,11 @@ def test_an_answer_of_calls_renders_as_tool_calls_on_both_shapes():
     choice = openai_protocol.render(parsed, [completion], "r")["choices"][0]
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
     assert choice["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
-    events = openai_protocol.render_stream_end(parsed, "r", completion, held=True)
+    chunks = openai_protocol.Chunks(parsed, "r")
+    events = chunks.piece(Piece(0, text)) + chunks.piece(Piece(0, "", completion=completion)) + chunks.end()
     chunks = [json.loads(e[6:]) for e in events.split("\n\n") if e.startswith("data: {")]
-    assert chunks[0]["choices"][0]["delta"]["tool_calls"][0]["index"] == 0
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}  # held: no text went out
+    assert chunks[1]["choices"][0]["delta"]["tool_calls"][0]["index"] == 0
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 

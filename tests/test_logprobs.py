@@ -137,8 +137,6 @@ def test_score_takes_the_same_parameters_and_shapes_n_and_logprobs(any_scorer: S
     ({"prompt": [[1, 2], [1, -3]]}, "prompt[1][1]"),
     ({"prompt": [[1, 2], []]}, "prompt[1]"),
     ({"prompt": "a", "n": 17}, "n"),
-    ({"prompt": "a", "n": 2, "stream": True}, "n"),
-    ({"prompt": "a", "logprobs": 1, "stream": True}, "logprobs"),
     ({"prompt": "a", "presence_penalty": 2.5}, "presence_penalty"),
     ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
     ({"prompt": "a", "logit_bias": {"5": 101}}, "logit_bias.5"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from jsonschema import Draft202012Validator
 
@@ -82,6 +82,19 @@ class Completion:
     prompt_logprobs: tuple[Logprob, ...] | None = None  # one per prompt token id, where the request asked
 
 
+class Piece(NamedTuple):
+    """A stream's next text of one answer (a plain tuple: one goes out per token, so it costs little). Where the
+    request asked for log-probabilities, the tokens whose text the piece completes; an answer's last piece also
+    carries what is left (its EOS, the tokens of a stop string) and its Completion."""
+
+    index: int  # the answer, numbered as complete() orders them: prompt by prompt, each prompt's n together
+    text: str
+    logprobs: tuple[Logprob, ...] | None = None  # None where the request did not ask
+    completion: Completion | None = None  # on the answer's last piece
+    prompt_text: str | None = None  # on an answer's first piece, for a text prompt: as the model read it
+    prompt_logprobs: tuple[Logprob, ...] | None = None  # on an answer's first piece, where the request asked
+
+
 @dataclass(frozen=True)
 class Fields:
     """How a door's API names the fields of the core's request, for errors."""
@@ -118,12 +131,7 @@ def build_request(*, conversation: Sequence[Message] | None = None, prompts: Seq
                 _check_text(prompt, fields.prompt(i))
         prompts = tuple(tuple(p) if isinstance(p, list) else p for p in prompts)
     stream = parameters.get("stream", default("stream"))
-    if stream and prompts is not None and len(prompts) > 1:
-        raise InvalidRequest(f"stream takes one prompt; this request has {len(prompts)}",
-                             param=fields.parameter("stream"))
     n = parameters.get("n", default("n"))
-    if stream and n > 1:
-        raise InvalidRequest("stream takes one answer; this request asks for n > 1", param=fields.parameter("n"))
     stop = parameters.get("stop", default("stop"))
     return ScoringRequest(
         conversation=conversation,

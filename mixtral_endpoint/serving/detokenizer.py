@@ -4,10 +4,14 @@ Decoding is incremental (as TGI and vLLM do it): each new token is decoded with 
 before it, never the whole text again. SentencePiece drops the leading space of the first piece it
 decodes, so both decodes start at the same token and only their difference is new text. A piece
 ending in U+FFFD is a character whose bytes have not all arrived: it waits for the next token.
+
+With `marks` (a stream asking for log-probabilities) text is taken only at the end of a token's text, and
+`released` counts the tokens whose text has all been taken, so each piece goes out with exactly its tokens.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 
 Decode = Callable[[Sequence[int]], str]
@@ -15,7 +19,7 @@ Decode = Callable[[Sequence[int]], str]
 
 class Detokenizer:
     def __init__(self, decode: Decode, *, eos_id: int, stops: Sequence[str] = (),
-                 context: Sequence[int] = ()) -> None:
+                 context: Sequence[int] = (), marks: bool = False) -> None:
         """`context`: token ids decoded before the first new one (a text prompt's last tokens, so
         the completion keeps its leading space); none for a chat reply."""
         self._decode = decode
@@ -29,6 +33,9 @@ class Detokenizer:
         self.text = ""
         self.stopped = False  # a stop string appeared; `text` ends before it
         self._sent = 0
+        # With marks: (len(text), len(tokens)) after each decode that added text; those past what was taken.
+        self._marks: deque[tuple[int, int]] | None = deque() if marks else None
+        self.released = 0  # with marks: tokens whose text has all been taken (at the end, every token)
 
     def add(self, token: int) -> None:
         assert not self.stopped, "no tokens after a stop string"
@@ -53,6 +60,13 @@ class Detokenizer:
         """New text that is safe to send: never a stop string, nor text that could start one."""
         hold = 0 if final or self.stopped else max(self._longest - 1, 0)
         end = max(len(self.text) - hold, self._sent)
+        if self._marks is not None:
+            if final or self.stopped:
+                self.released = len(self.tokens)
+            else:
+                end, marks = self._sent, self._marks
+                while marks and marks[0][0] <= len(self.text) - hold:
+                    end, self.released = marks.popleft()
         piece, self._sent = self.text[self._sent:end], end
         return piece
 
@@ -64,6 +78,8 @@ class Detokenizer:
         self._prefix, self._read = self._read, len(self._ids)
         start = max(len(self.text) - self._longest + 1, 0)  # a stop string may straddle the old end
         self.text += after[len(before):]
+        if self._marks is not None:
+            self._marks.append((len(self.text), len(self.tokens)))
         cut = _find_stop(self.text, self._stops, start)
         if cut >= 0:
             self.text, self.stopped = self.text[:cut], True

@@ -39,7 +39,7 @@ from mixtral_endpoint.protocol.errors import (
     ScoringError,
 )
 from mixtral_endpoint.protocol.parameters import BY_NAME
-from mixtral_endpoint.protocol.request import Completion, Logprob, ScoringRequest
+from mixtral_endpoint.protocol.request import Completion, Logprob, Piece, ScoringRequest
 from mixtral_endpoint.protocol.sampling import SamplingSettings, TokenLogprob
 from mixtral_endpoint.protocol.validation import parse_json
 from mixtral_endpoint.serving.collector import DataCollector
@@ -54,20 +54,22 @@ _PLAIN_ID = re.compile(r"[\w.:/+-]{1,200}", re.ASCII)
 _CONTEXT_TOKENS = 8  # prompt tokens decoded before a completion, so its leading space survives
 
 
-class Stream(Iterator[str | Completion]):
-    """A stream's new text, then its Completion. Closing it cancels its row, even before the first
-    piece was asked for (a generator closed before it started would run none of its clean-up)."""
+class Stream(Iterator[Piece]):
+    """A stream's pieces, each answer's in order (answers interleave as the engine makes them), each answer's
+    last one with its Completion. Closing it cancels its rows, even before the first piece was asked for (a
+    generator closed before it started would run none of its clean-up)."""
 
-    def __init__(self, pieces: Generator[str | Completion, None, None], row: Row, line: Line) -> None:
+    def __init__(self, pieces: Generator[Piece, None, None], rows: list[Row], line: Line) -> None:
         self._pieces = pieces
-        self.row = row
+        self.rows = rows
+        self.row = rows[0]
         self._line = line
 
-    def __next__(self) -> str | Completion:
+    def __next__(self) -> Piece:
         return next(self._pieces)
 
     def close(self) -> None:
-        self._line.cancel([self.row])
+        self._line.cancel(self.rows)
         self._pieces.close()
 
 
@@ -129,7 +131,7 @@ class Scorer:
     def complete(self, request: ScoringRequest, request_id: str) -> list[Completion]:
         """Generates for every prompt of a validated request and waits for all."""
         rows, texts, sink = self._admit(request)
-        for _ in self._follow(request_id, rows, texts, sink):
+        for _ in self._follow(request_id, rows, texts, sink, {id(row) for row in rows}):
             pass
         prompt_texts = self._prompt_texts(request)
         completions = [self._complete(row, text, prompt_text)
@@ -142,14 +144,14 @@ class Scorer:
         return completions
 
     def stream(self, request: ScoringRequest, request_id: str) -> Stream:
-        """New text as it is generated, then the Completion; a failure midway raises a ScoringError.
+        """Each answer's new text as it is generated (with its tokens' log-probabilities where asked), its last
+        piece with its Completion; a failure midway raises a ScoringError.
 
         Validation, screening of the prompt and admission happen before this returns, so a stream never
         starts with an error.
         """
-        assert request.prompts is None or len(request.prompts) == 1, "a stream has one prompt"
         rows, texts, sink = self._admit(request)
-        return Stream(self._stream(request_id, request, rows[0], texts[0], sink), rows[0], self.line)
+        return Stream(self._stream(request_id, request, rows, texts, sink), rows, self.line)
 
     def _admit(self, request: ScoringRequest) -> tuple[list[Row], list[Detokenizer], queue.SimpleQueue]:
         """The request's rows in the line, its prompts screened. The prompts are screened once admitted (a
@@ -213,8 +215,10 @@ class Scorer:
         prompts = [p for p in prompts for _ in range(request.n)]  # each prompt's n answers together
         rows = [Row(p, _answer_settings(request.settings, i % request.n), deadline, sink,
                     each_token=request.stream or bool(request.stop), grammar=grammar) for i, p in enumerate(prompts)]
+        marks = request.stream and request.settings.logprobs is not None
         texts = [Detokenizer(self.tokenizer.decode, eos_id=self.tokenizer.eos_id, stops=request.stop,
-                             context=() if request.is_chat else p[-_CONTEXT_TOKENS:]) for p in prompts]
+                             context=() if request.is_chat else p[-_CONTEXT_TOKENS:], marks=marks)
+                 for p in prompts]
         try:
             self.line.take(rows)
         except BaseException as exc:
@@ -237,12 +241,12 @@ class Scorer:
             raise InvalidRequest(f"{constraint.param or 'the constraint'} cannot be compiled into a grammar: {exc}",
                                  param=constraint.param or None) from None
 
-    def _follow(self, request_id: str, rows: list[Row], texts: list[Detokenizer],
-                sink: queue.SimpleQueue) -> Iterator[str]:
-        """Reads the rows' tokens as they come until every row has ended; yields new safe text (of a
-        single row: streams have one). A row that hits a stop string is cancelled in the engine."""
-        text_of = {id(row): text for row, text in zip(rows, texts, strict=True)}
-        open_rows = {id(row) for row in rows}
+    def _follow(self, request_id: str, rows: list[Row], texts: list[Detokenizer], sink: queue.SimpleQueue,
+                open_rows: set[int]) -> Iterator[tuple[int, str, bool]]:
+        """Reads the rows' tokens as they come until every row of `open_rows` (their ids) has ended; yields each
+        row's new safe text as (its index, the text, whether the row has ended). A row that hits a stop string
+        is cancelled in the engine; one the caller takes out of `open_rows` (and cancels) is no longer read."""
+        index_of = {id(row): i for i, row in enumerate(rows)}
         expiry = min(row.deadline or math.inf for row in rows)  # rows still waiting in the line end then
         deadline = max(row.deadline or 0.0 for row in rows) + DEADLINE_GRACE_S
         try:
@@ -258,7 +262,8 @@ class Scorer:
                     raise InternalError("generation stalled; the server log has the details") from None
                 if id(row) not in open_rows:
                     continue  # tokens the engine made before it saw our cancel
-                text = text_of[id(row)]
+                i = index_of[id(row)]
+                text = texts[i]
                 if token is None:
                     if isinstance(row.error, ScoringError):  # the engine died before it took the row
                         raise row.error
@@ -276,7 +281,8 @@ class Scorer:
                     if text.stopped:
                         self.line.cancel([row])
                         open_rows.discard(id(row))
-                yield text.take(final=id(row) not in open_rows)
+                ended = id(row) not in open_rows
+                yield i, text.take(final=ended), ended
         except ScoringError as exc:
             if exc.status >= 500:  # vLLM's finished_reason "error": every row of a request the server failed
                 self.metrics.record(rows, [len(r.tokens) for r in rows], ["error"] * len(rows), time.monotonic())
@@ -284,42 +290,80 @@ class Scorer:
         finally:
             self.line.cancel(rows)  # a caller that went away, or a failed neighbour: stop at the next step
 
-    def _stream(self, request_id: str, request: ScoringRequest, row: Row, text: Detokenizer,
-                sink: queue.SimpleQueue) -> Iterator[str | Completion]:
-        # With screening, text is released window by window, each once screened (safety.py).
-        released, held, flagged, window = "", "", False, STREAM_WINDOW_CHARS
+    def _stream(self, request_id: str, request: ScoringRequest, rows: list[Row], texts: list[Detokenizer],
+                sink: queue.SimpleQueue) -> Iterator[Piece]:
+        # Per token, a row that asked for no log-probabilities costs one tuple: the ceiling benchmark feels more.
+        open_rows = {id(row) for row in rows}
+        completions: list[Completion | None] = [None] * len(rows)
+        left = len(rows)
+        asked = request.settings.logprobs is not None
+        sent = [0] * len(rows)  # with log-probabilities: each row's tokens gone out
+        prompt_texts = self._prompt_texts(request)
+        unstarted = [not request.is_chat or request.settings.prompt_logprobs is not None] * len(rows)
+        # With screening, each row's text is released window by window, each once screened (safety.py), its
+        # tokens' log-probabilities with it: [released, held, held log-probabilities, window].
+        screened = [["", "", [], STREAM_WINDOW_CHARS] for _ in rows] if self.screen is not None else None
+
+        def piece(i: int, text: str, logprobs: tuple[Logprob, ...] | None, completion: Completion | None) -> Piece:
+            nonlocal left
+            if completion is not None:
+                completions[i], left = completion, left - 1
+                if not left:
+                    self._log(request_id, request, rows, completions)  # type: ignore[arg-type]  # all set
+            if not unstarted[i]:
+                return Piece(i, text, logprobs, completion)
+            unstarted[i] = False  # an answer's first piece: its prompt, for a door that echoes it
+            return Piece(i, text, logprobs, completion, prompt_texts[i], self._prompt_logprobs(rows[i]))
+
         try:
-            with contextlib.closing(self._follow(request_id, [row], [text], sink)) as pieces:
-                for piece in pieces:
-                    if self.screen is None:
-                        yield piece
+            with contextlib.closing(self._follow(request_id, rows, texts, sink, open_rows)) as events:
+                for i, text, ended in events:
+                    logprobs = None
+                    if asked:
+                        released = texts[i].released
+                        logprobs, sent[i] = self._logprobs(rows[i], texts[i].tokens, sent[i], released), released
+                    if screened is None:
+                        yield piece(i, text, logprobs, self._complete(rows[i], texts[i], prompt_texts[i])
+                                    if ended else None)
                         continue
-                    held += piece
-                    if len(held) >= window:
-                        if flagged := self.screen.start(held).answer_flagged():
-                            break  # closing _follow cancels the row
-                        released, piece, held = released + held, held, ""
-                        window = min(2 * window, CHUNK_CHARS)
-                        yield piece
-        except GeneratorExit:  # the caller went away; _follow has cancelled the row
-            row.done.wait(timeout=DEADLINE_GRACE_S)
-            log.info("request=%s engine=%s cancelled: the caller went away; generation stopped after %d tokens "
-                     "(max_new_tokens %d)", _logged(request_id), self.engine.name, len(row.tokens),
-                     request.settings.max_new_tokens)
-            self.metrics.record([row], [len(row.tokens)], ["abort"], time.monotonic())
+                    state = screened[i]
+                    state[1] += text
+                    state[2] += logprobs or ()
+                    if ended:
+                        completion = self._complete(rows[i], texts[i], prompt_texts[i])
+                        if state[1] and self.screen.start(state[1]).answer_flagged():
+                            yield piece(i, "", () if asked else None, _withheld(completion, state[0]))
+                        else:
+                            yield piece(i, state[1], tuple(state[2]) if asked else None, completion)
+                    elif len(state[1]) >= state[3]:
+                        if self.screen.start(state[1]).answer_flagged():
+                            self.line.cancel([rows[i]])
+                            open_rows.discard(id(rows[i]))
+                            yield piece(i, "", () if asked else None, self._flagged(rows[i], state[0],
+                                                                                   prompt_texts[i], asked))
+                            continue
+                        released_text, state[0] = state[1], state[0] + state[1]
+                        logprobs, state[1], state[2] = tuple(state[2]) if asked else None, "", []
+                        state[3] = min(2 * state[3], CHUNK_CHARS)
+                        yield piece(i, released_text, logprobs, None)
+        except GeneratorExit:  # the caller went away; _follow has cancelled the rows
+            if left:
+                deadline = time.monotonic() + DEADLINE_GRACE_S
+                for row in rows:
+                    row.done.wait(timeout=max(deadline - time.monotonic(), 0.0))
+                log.info("request=%s engine=%s cancelled: the caller went away; generation stopped after %d tokens "
+                         "(max_new_tokens %d)", _logged(request_id), self.engine.name, sum(len(r.tokens) for r in rows),
+                         request.settings.max_new_tokens)
+                self.metrics.record(rows, [len(r.tokens) for r in rows],
+                                    ["abort" if c is None else c.finish_reason for c in completions], time.monotonic())
             raise
-        if flagged:
-            completion = Completion(text=released, prompt_token_ids=tuple(row.prompt), token_ids=(),
-                                    finish_reason="content_filter")
-        else:
-            completion = self._complete(row, text, self._prompt_texts(request)[0])
-            if held and self.screen is not None:
-                if self.screen.start(held).answer_flagged():
-                    completion = _withheld(completion, released)
-                else:
-                    yield held
-        self._log(request_id, request, [row], [completion])
-        yield completion
+
+    def _flagged(self, row: Row, released: str, prompt_text: str, asked: bool) -> Completion:
+        """A streamed answer that screening flagged midway: the text released before it, no tokens, and no
+        log-probabilities (those of the released text have gone out with it)."""
+        return Completion(text=released, prompt_token_ids=tuple(row.prompt), token_ids=(),
+                          finish_reason="content_filter", prompt_text=prompt_text, logprobs=() if asked else None,
+                          prompt_logprobs=self._prompt_logprobs(row))
 
     def _prompt_texts(self, request: ScoringRequest) -> list[str]:
         """Each row's prompt as text ("" for a conversation): a text prompt as it came, token ids decoded."""
@@ -332,13 +376,18 @@ class Scorer:
         finish_reason = "stop" if text.stopped else row.finish_reason
         assert finish_reason in ("stop", "length", "time_limit"), finish_reason
         tokens = tuple(text.tokens)  # a stop string cuts tokens the row made: their log-probabilities go too
-        logprobs = None if row.settings.logprobs is None else tuple(
-            self._logprob(t, lp) for t, lp in zip(tokens, row.logprobs, strict=False))
-        prompt_logprobs = None if row.prompt_logprobs is None else tuple(
-            self._logprob(t, lp) for t, lp in zip(row.prompt, row.prompt_logprobs, strict=True))
+        logprobs = None if row.settings.logprobs is None else self._logprobs(row, tokens, 0, len(tokens))
         return Completion(text=text.text, prompt_token_ids=tuple(row.prompt), token_ids=tokens,
                           finish_reason=finish_reason, prompt_text=prompt_text, logprobs=logprobs,
-                          prompt_logprobs=prompt_logprobs)
+                          prompt_logprobs=self._prompt_logprobs(row))
+
+    def _logprobs(self, row: Row, tokens: Sequence[int], start: int, end: int) -> tuple[Logprob, ...]:
+        """The log-probabilities of tokens[start:end], the row's new tokens."""
+        return tuple(self._logprob(t, lp) for t, lp in zip(tokens[start:end], row.logprobs[start:end], strict=False))
+
+    def _prompt_logprobs(self, row: Row) -> tuple[Logprob, ...] | None:
+        return None if row.prompt_logprobs is None else tuple(
+            self._logprob(t, lp) for t, lp in zip(row.prompt, row.prompt_logprobs, strict=True))
 
     def _logprob(self, token: int, logprob: TokenLogprob | None) -> Logprob:
         text = self.tokenizer.token_bytes

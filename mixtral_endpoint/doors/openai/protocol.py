@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ from mixtral_endpoint.protocol.request import (
     Fields,
     Logprob,
     Message,
+    Piece,
     RequestLimits,
     ScoringRequest,
     build_request,
@@ -99,9 +101,6 @@ def parse(body: Any, route: Route, limits: RequestLimits, *, extra_parameters: s
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise InvalidRequest("stream_options must be an object", param="stream_options")
-    if request.stream and (request.settings.logprobs is not None or echo):
-        raise InvalidRequest("logprobs and echo are answered in whole responses, not streamed", param=(
-            "echo" if echo else "logprobs"))
     return OpenAIRequest(route, request, include_usage=bool(options.get("include_usage")), tools=tool_use,
                          echo=echo, prompt_only=prompt_only)
 
@@ -324,15 +323,23 @@ def _completion_logprobs(parsed: OpenAIRequest, completion: Completion) -> dict[
     entries = list(completion.prompt_logprobs or ()) if parsed.echo else []
     if not parsed.prompt_only:
         entries += completion.logprobs
+    shaped = _completion_shape(entries, 0)
+    del shaped["end"]
+    return shaped
+
+
+def _completion_shape(entries: Sequence[Logprob], offset: int) -> dict[str, Any]:
+    """Tokens in the completions shape, the first at `offset` of the answer's text; `end`: where the next would be."""
     tokens = [entry.text.decode("utf-8", errors="replace") for entry in entries]
-    offsets = [0]
-    for token in tokens[:-1]:
-        offsets.append(offsets[-1] + len(token))
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
     return {"tokens": tokens, "token_logprobs": [entry.logprob for entry in entries],
             "top_logprobs": [None if entry.logprob is None else {
                 alternative.text.decode("utf-8", errors="replace"): alternative.logprob for alternative in entry.top}
                 for entry in entries],
-            "text_offset": offsets}
+            "text_offset": offsets, "end": offset}
 
 
 def _answer(parsed: OpenAIRequest, completion: Completion) -> tuple[dict[str, Any], str]:
@@ -361,38 +368,95 @@ class CallBuffer:
         return self.held
 
 
-def render_chunk(parsed: OpenAIRequest, request_id: str, *, text: str | None = None,
-                 completion: Completion | None = None, first: bool = False) -> str:
-    """One server-sent event: the role (first), a piece of text, or the finish reason."""
-    reason = finish_reason(completion) if completion is not None else None
-    if parsed.route == "chat":
-        delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
-        if text is not None:
-            delta["content"] = text
-        return _chat_chunk(parsed, request_id, delta, reason)
-    choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
-    return _event({**_head(parsed, request_id, chunk=True), "choices": [choice]})
+class Chunks:
+    """A stream's server-sent events in OpenAI's chunk shapes, as vLLM sends them: every answer its own `index`,
+    on chat its own assistant-role chunk (all of them with the first generated token, not before generation) and
+    its own finish reason; with echo an answer's prompt, and its log-probabilities, first; usage last, summing
+    every answer. Each chunk's log-probabilities are those of the tokens whose text it carries: tokens with no
+    text yet wait for the next text, and text held back while it may be tool calls goes out whole at its answer's
+    end with all of them."""
 
+    def __init__(self, parsed: OpenAIRequest, request_id: str) -> None:
+        self._parsed = parsed
+        request = parsed.request
+        self._answers = request.n * (len(request.prompts) if request.prompts is not None else 1)
+        self._head = _head(parsed, request_id, chunk=True)  # one `created` for the whole stream, as vLLM's
+        self._calls = [CallBuffer(parsed) for _ in range(self._answers)]
+        self._asked = request.settings.logprobs is not None
+        self._waiting: list[list[Logprob]] = [[] for _ in range(self._answers)]  # log-probabilities not yet sent
+        self._offsets = [0] * self._answers  # completions: each answer's text_offset so far
+        self._completions: list[Completion | None] = [None] * self._answers
+        self._started = False
 
-def _chat_chunk(parsed: OpenAIRequest, request_id: str, delta: dict[str, Any], reason: str | None) -> str:
-    choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
-    return _event({**_head(parsed, request_id, chunk=True), "choices": [choice]})
+    def piece(self, piece: Piece) -> str:
+        """The events for one of the core's pieces ("" when it brings nothing to send yet)."""
+        events = ""
+        if not self._started:
+            self._started = True
+            if self._parsed.route == "chat":
+                events = "".join(self._chunk(i, {"delta": {"role": "assistant", "content": ""}})
+                                 for i in range(self._answers))
+        i, text = piece.index, piece.text
+        if self._parsed.route == "completions":
+            if self._parsed.prompt_only:  # the prompt alone is answered; its one generated token is not
+                text, piece = "", piece._replace(logprobs=() if self._asked else None)
+            if self._parsed.echo and piece.prompt_text is not None:
+                text = piece.prompt_text + text
+                self._waiting[i].extend(piece.prompt_logprobs or ())
+        if piece.logprobs:
+            self._waiting[i].extend(piece.logprobs)
+        if text and not self._calls[i].holds(text):
+            events += self._text(i, text)
+        if piece.completion is not None:
+            events += self._finish(i, piece.completion)
+        return events
 
+    def end(self) -> str:
+        """After every answer's last piece: usage, where asked, then [DONE]."""
+        events = ""
+        if self._parsed.include_usage:
+            completions = [c for c in self._completions if c is not None]
+            events = _event({**self._head, "choices": [], "usage": usage(
+                completions, n=self._parsed.request.n, prompt_only=self._parsed.prompt_only)})
+        return events + "data: [DONE]\n\n"
 
-def render_stream_end(parsed: OpenAIRequest, request_id: str, completion: Completion, *, held: bool = False) -> str:
-    """The last events: text held back (as tool calls, or as text when it was none), the finish reason, usage."""
-    if held:
-        message, reason = _answer(parsed, completion)
+    def _text(self, i: int, text: str) -> str:
+        if self._parsed.route == "chat":
+            return self._chunk(i, {"delta": {"content": text}}, logprobs=self._logprobs(i))
+        return self._chunk(i, {"text": text}, logprobs=self._logprobs(i))
+
+    def _finish(self, i: int, completion: Completion) -> str:
+        self._completions[i] = completion
+        reason = finish_reason(completion)
+        if self._parsed.route == "completions":
+            return self._chunk(i, {"text": ""}, reason, self._logprobs(i))
+        if not self._calls[i].held:
+            return self._chunk(i, {"delta": {}}, reason, self._logprobs(i))
+        message, reason = _answer(self._parsed, completion)
         if "tool_calls" in message:
             delta = {"tool_calls": [{"index": j, **call} for j, call in enumerate(message["tool_calls"])]}
         else:
             delta = {"content": completion.text}
-        events = _chat_chunk(parsed, request_id, delta, None) + _chat_chunk(parsed, request_id, {}, reason)
-    else:
-        events = render_chunk(parsed, request_id, completion=completion)
-    if parsed.include_usage:
-        events += _event({**_head(parsed, request_id, chunk=True), "choices": [], "usage": usage([completion])})
-    return events + "data: [DONE]\n\n"
+        # Held from the answer's first text: all its log-probabilities go with it (none, when screening withheld it).
+        self._waiting[i] = list(completion.logprobs or ())
+        return self._chunk(i, {"delta": delta}, logprobs=self._logprobs(i)) + self._chunk(i, {"delta": {}}, reason)
+
+    def _logprobs(self, i: int) -> dict[str, Any] | None:
+        """The waiting log-probabilities of answer i, in the route's shape; None when there are none."""
+        entries = self._waiting[i]
+        if not entries:
+            return None
+        self._waiting[i] = []
+        if self._parsed.route == "chat":
+            return {"content": [_chat_logprob(entry) for entry in entries]}
+        shaped = _completion_shape(entries, self._offsets[i])
+        self._offsets[i] = shaped.pop("end")
+        return shaped
+
+    def _chunk(self, i: int, fields: dict[str, Any], reason: str | None = None,
+               logprobs: dict[str, Any] | None = None) -> str:
+        choice = {"index": i, **fields, "logprobs": logprobs, "finish_reason": reason}
+        return _event({**self._head, "choices": [choice]})
 
 
 def render_stream_error(error: ScoringError) -> str:

@@ -17,7 +17,7 @@ import flask
 
 from mixtral_endpoint.doors.openai import protocol as openai
 from mixtral_endpoint.protocol.errors import ModelNotReady, ScoringError, as_scoring_error
-from mixtral_endpoint.protocol.request import Completion
+from mixtral_endpoint.protocol.request import Piece
 from mixtral_endpoint.serving.metrics import CONTENT_TYPE
 from mixtral_endpoint.serving.service import Scorer
 
@@ -60,18 +60,14 @@ def _completion(route: openai.Route, scorer: Scorer | None) -> flask.Response:
         return _json(openai.error_body(error), error.status, error.headers())
 
 
-def _events(parsed: openai.OpenAIRequest, events: Iterator[str | Completion], request_id: str) -> Iterator[str]:
+def _events(parsed: openai.OpenAIRequest, events: Iterator[Piece], request_id: str) -> Iterator[str]:
+    chunks = openai.Chunks(parsed, request_id)
     try:
-        with contextlib.closing(events):  # a caller that goes away, even before the first chunk, cancels its row
-            if parsed.route == "chat":
-                yield openai.render_chunk(parsed, request_id, first=True)
-            calls = openai.CallBuffer(parsed)
-            for item in events:
-                if isinstance(item, str):
-                    if item and not calls.holds(item):
-                        yield openai.render_chunk(parsed, request_id, text=item)
-                else:
-                    yield openai.render_stream_end(parsed, request_id, item, held=calls.held)
+        with contextlib.closing(events):  # a caller that goes away, even before the first chunk, cancels its rows
+            for piece in events:
+                if sent := chunks.piece(piece):
+                    yield sent
+            yield chunks.end()
     except ScoringError as exc:
         yield openai.render_stream_error(exc)
 

@@ -17,7 +17,7 @@ from mixtral_endpoint.doors.openai import protocol as openai
 from mixtral_endpoint.doors.openai.routes import SSE_HEADERS
 from mixtral_endpoint.doors.responses import protocol as responses
 from mixtral_endpoint.protocol.errors import ModelNotReady, ScoringError, as_scoring_error
-from mixtral_endpoint.protocol.request import Completion
+from mixtral_endpoint.protocol.request import Piece
 from mixtral_endpoint.serving.service import Scorer
 
 log = logging.getLogger(__name__)
@@ -57,19 +57,18 @@ def _create(scorer: Scorer | None) -> flask.Response:
         return _json(openai.error_body(error), error.status, error.headers())
 
 
-def _events(parsed: responses.ResponsesRequest, events: Iterator[str | Completion], request_id: str,
+def _events(parsed: responses.ResponsesRequest, events: Iterator[Piece], request_id: str,
             created_at: int) -> Iterator[str]:
     stream = responses.Events(parsed, request_id, created_at)
     try:
         with contextlib.closing(events):  # a caller that goes away, even before the first event, cancels its row
             yield stream.start()
             calls = openai.CallBuffer(parsed)  # type: ignore[arg-type]  # it reads only `tools`, which both have
-            for item in events:
-                if isinstance(item, str):
-                    if item and not calls.holds(item):
-                        yield stream.text(item)
-                else:
-                    yield stream.end(item, held=calls.held)
+            for piece in events:
+                if piece.text and not calls.holds(piece.text):
+                    yield stream.text(piece.text)
+                if piece.completion is not None:
+                    yield stream.end(piece.completion, held=calls.held)
     except ScoringError as exc:
         yield stream.error(exc)
 

@@ -45,9 +45,17 @@ def parse_request(payload: Any, limits: RequestLimits) -> ScoringRequest:
                                                         else ["input_data", "parameters"]), name]))
     items = input_data["input_string"]
     if isinstance(items[0], dict):
-        return build_request(conversation=[Message(m["role"], m["content"]) for m in items], parameters=parameters,
-                             limits=limits, fields=fields)
-    return build_request(prompts=items, parameters=parameters, limits=limits, fields=fields)
+        request = build_request(conversation=[Message(m["role"], m["content"]) for m in items],
+                                parameters=parameters, limits=limits, fields=fields)
+    else:
+        request = build_request(prompts=items, parameters=parameters, limits=limits, fields=fields)
+    # /score's events carry no answer's index (the OpenAI routes stream several answers).
+    if request.stream and request.prompts is not None and len(request.prompts) > 1:
+        raise InvalidRequest(f"stream takes one prompt; this request has {len(request.prompts)}",
+                             param=fields.parameter("stream"))
+    if request.stream and request.n > 1:
+        raise InvalidRequest("stream takes one answer; this request asks for n > 1", param=fields.parameter("n"))
+    return request
 
 
 def render(request: ScoringRequest, completions: list[Completion]) -> dict[str, Any] | list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from mixtral_endpoint.doors.score.protocol import (
     render_stream_error,
 )
 from mixtral_endpoint.protocol.errors import InvalidRequest, Overloaded, ScoringError
-from mixtral_endpoint.protocol.request import Completion, ScoringRequest
+from mixtral_endpoint.protocol.request import Piece, ScoringRequest
 from mixtral_endpoint.serving.service import Scorer
 
 Body = dict[str, Any] | list[dict[str, Any]]
@@ -62,16 +62,15 @@ def score_patiently(scorer: Scorer, payload: Any) -> Body:
             time.sleep(0.05)
 
 
-def _server_sent_events(request: ScoringRequest, events: Iterator[str | Completion]) -> Iterator[str]:
+def _server_sent_events(request: ScoringRequest, events: Iterator[Piece]) -> Iterator[str]:
     """/score's stream: text deltas, then finish reason and usage, then [DONE]; a failure midway ends
     it with an error event (the status line has gone out already)."""
     try:
         with contextlib.closing(events):  # a caller that goes away cancels its row
-            for item in events:
-                if isinstance(item, str):
-                    if item:
-                        yield render_stream_delta(item)
-                else:
-                    yield render_stream_end(request, item)
+            for piece in events:
+                if piece.text:
+                    yield render_stream_delta(piece.text)
+                if piece.completion is not None:
+                    yield render_stream_end(request, piece.completion)
     except ScoringError as exc:
         yield render_stream_error(exc.body())
