@@ -20,28 +20,39 @@ from mixtral_endpoint.doors.openai import routes as openai_routes
 from mixtral_endpoint.doors.openai import tokenization
 from mixtral_endpoint.doors.responses import routes as responses_routes
 from mixtral_endpoint.doors.score import serving as score_api
-from mixtral_endpoint.protocol.config import ServerConfig
+from mixtral_endpoint.protocol.config import MODEL_NAME, ServerConfig
 from mixtral_endpoint.protocol.errors import InvalidRequest, ModelNotReady, ScoringError, as_scoring_error
-from mixtral_endpoint.serving import azure_monitor
+from mixtral_endpoint.serving import azure_monitor, replicas
+from mixtral_endpoint.serving.metrics import Metrics
 from mixtral_endpoint.serving.service import Scorer
 
 log = logging.getLogger("mixtral_endpoint.score")
 scorer: Scorer | None = None
 metrics_export: MeterProvider | None = None  # the MeterProvider sending the metrics to Azure Monitor, when on
+replica: replicas.Replica | None = None  # this worker's engine replica with several workers; it holds its group's lock
 # The worker's exit status when its engine dies. gunicorn halts the whole server on 3 (WORKER_BOOT_ERROR)
 # and 4 (APP_LOAD_ERROR), and answers any other status with a fresh worker, which runs init() again.
 ENGINE_DIED = 70  # EX_SOFTWARE
 
 
 def init() -> None:
-    global scorer, metrics_export
+    global scorer, metrics_export, replica
     from azureml_inference_server_http.server import routes
 
     _log_to_stderr(logging.getLogger("mixtral_endpoint"))
     _log_to_app_insights(logging.getLogger("mixtral_endpoint"), routes.main_blueprint)
     # The one place this door reads the environment; the settings are handed down from here.
     config = ServerConfig.from_env(os.environ)
+    # With WORKER_COUNT > 1 each worker serves one engine replica on its own GPU group (serving/replicas.py),
+    # chosen before anything starts CUDA.
+    replica = replicas.claim(os.environ, tensor_parallel_size=config.tensor_parallel_size)
+    if replica is not None and replica.gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(replica.gpus)
     scorer = load_scorer(Path(os.environ.get("AZUREML_MODEL_DIR", "model")), config)
+    if replica is not None:
+        # GET /metrics reaches any worker: each keeps its replica's values where every worker's scrape reads them.
+        scorer.metrics = Metrics(scorer.line, model_name=MODEL_NAME, max_model_len=scorer.max_total_tokens,
+                                 engine=str(replica.index), shared=replica.metrics_folder)
     # azmlinfsrv's health route cannot report a dead engine: end the worker, and gunicorn starts a fresh one.
     scorer.engine.on_death.append(_exit_worker)
     metrics_export = _metrics_to_azure_monitor(routes.main_blueprint, scorer.metrics.registry)
