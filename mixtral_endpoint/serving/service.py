@@ -292,7 +292,7 @@ class Scorer:
 
     def _stream(self, request_id: str, request: ScoringRequest, rows: list[Row], texts: list[Detokenizer],
                 sink: queue.SimpleQueue) -> Iterator[Piece]:
-        # Per token, a row that asked for no log-probabilities costs one tuple: the ceiling benchmark feels more.
+        # Per token, a row that asked for no log-probabilities costs one tuple here: the ceiling benchmark feels more.
         open_rows = {id(row) for row in rows}
         completions: list[Completion | None] = [None] * len(rows)
         left = len(rows)
@@ -323,8 +323,11 @@ class Scorer:
                         released = texts[i].released
                         logprobs, sent[i] = self._logprobs(rows[i], texts[i].tokens, sent[i], released), released
                     if screened is None:
-                        yield piece(i, text, logprobs, self._complete(rows[i], texts[i], prompt_texts[i])
-                                    if ended else None)
+                        if ended or unstarted[i]:
+                            yield piece(i, text, logprobs, self._complete(rows[i], texts[i], prompt_texts[i])
+                                        if ended else None)
+                        else:  # every token but an answer's first and last: _make skips Piece.__new__'s defaults
+                            yield Piece._make((i, text, logprobs, None, None, None))
                         continue
                     state = screened[i]
                     state[1] += text
