@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import json
 import re
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+from .localserver import LocalServer
 from .test_sizing import GIB, SKUS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,6 +168,38 @@ def test_replicas_split_the_skus_gpus_into_groups_that_each_take_one_worker_and_
     assert {k: env[k] for k in ("MIXTRAL_MAX_BATCH_SIZE", "MIXTRAL_MAX_QUEUE", "MIXTRAL_DTYPE")} == {
         k: str(blue[k]) for k in ("MIXTRAL_MAX_BATCH_SIZE", "MIXTRAL_MAX_QUEUE", "MIXTRAL_DTYPE")}
     assert tensor_parallel == SKU_GPUS[load("deployment.yml")["instance_type"]][0]
+
+
+# A scoring script that holds each request a second and says which worker (process) ran it.
+SLEEPING_SCORE = """import os, time
+def init():
+    pass
+def run(raw_data):
+    time.sleep(1)
+    return {"pid": os.getpid()}
+"""
+
+
+@pytest.mark.e2e  # a real azmlinfsrv with two gunicorn workers
+def test_a_full_worker_leaves_the_next_connection_to_another(tmp_path: Path):
+    """What the 8-GPU files' `--worker-connections` (equal to `--threads`) does, at a small scale: 2 workers of 2
+    threads and 8 callers at once. A worker holding 2 connections stops accepting, so each serves exactly 4, in two
+    waves. Without the flag one worker accepts more than its threads and queues them (seen here: 8 and 0, 6 and 2),
+    as a replica would queue requests while another replica stood idle."""
+    (tmp_path / "score.py").write_text(SLEEPING_SCORE)
+    flags = load("deployments/nd96amsr-a100.yml")["environment_variables"]["GUNICORN_CMD_ARGS"]
+    assert re.fullmatch(r"--threads (\d+) --worker-connections \1", flags)
+    env = {"WORKER_COUNT": "2", "GUNICORN_CMD_ARGS": re.sub(r"\d+", "2", flags)}
+
+    def call(url: str) -> int:
+        request = urllib.request.Request(url + "/score", data=b"{}", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())["pid"]
+
+    with LocalServer(tmp_path, tmp_path / "server.log", env=env, entry_script=tmp_path / "score.py") as server, \
+            concurrent.futures.ThreadPoolExecutor(8) as callers:
+        served = collections.Counter(callers.map(call, [server.url] * 8))
+    assert sorted(served.values()) == [4, 4], served
 
 
 def test_green_is_deployment_yml_under_another_name():
