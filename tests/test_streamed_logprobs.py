@@ -25,6 +25,8 @@ from .fake_content_safety import FakeContentSafety
 from .test_safety import screened_scorer
 
 CHAT = [{"role": "user", "content": "What is so great about Paris?"}]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Lyon"]}}, "required": ["city"]}}}
 
 
 def parse(scorer: Scorer, body: dict[str, Any], route: openai.Route) -> openai.OpenAIRequest:
@@ -151,6 +153,38 @@ def test_n_chat_answers_each_get_a_role_chunk_a_finish_reason_and_their_logprobs
         assert [c["finish_reason"] for c in mine if c["finish_reason"]] == [expected["finish_reason"]]
     assert chat_text(chunks, 0) != chat_text(chunks, 1)  # seed and seed + 1
     assert chunks[-1]["usage"] == answer["usage"] and answer["usage"]["completion_tokens"] == 16
+
+
+def test_tool_calls_held_back_go_out_with_all_their_logprobs(any_scorer: Scorer):
+    """Text that may be calls is held to the answer's end (as calls, or as text when cut short); its
+    log-probabilities are held with it."""
+    body = {"messages": CHAT, "max_tokens": 64, "temperature": 0, "logprobs": True, "tools": [WEATHER],
+            "tool_choice": "required", "n": 2, "seed": 1}
+    answer = whole(any_scorer, body, "chat")
+    chunks = streamed(any_scorer, body, "chat")
+    for i, expected in enumerate(answer["choices"]):
+        mine = list(choices(chunks, i))
+        (held,) = [c for c in mine if c["delta"].get("tool_calls") or c["delta"].get("content")]
+        assert close(held["logprobs"]["content"], expected["logprobs"]["content"])
+        assert all(c["logprobs"] is None for c in mine if c is not held)
+        assert [c["finish_reason"] for c in mine if c["finish_reason"]] == [expected["finish_reason"]]
+        if expected["finish_reason"] == "tool_calls":
+            names = [call["function"]["name"] for call in held["delta"]["tool_calls"]]
+            assert names == [call["function"]["name"] for call in expected["message"]["tool_calls"]]
+        else:
+            assert held["delta"]["content"] == expected["message"]["content"]
+
+
+def test_a_stream_of_n_answers_whose_caller_goes_away_cancels_every_row(any_scorer: Scorer):
+    body = {"prompt": "Once upon a time", "n": 2, "max_tokens": 64, "ignore_eos": True, "logprobs": 1,
+            "stream": True}
+    parsed = parse(any_scorer, body, "completions")
+    events = any_scorer.stream(parsed.request, "test")
+    chunks = routes._events(parsed, events, "test")
+    assert '"index"' in next(chunks)
+    chunks.close()  # the server's write failed: the caller has gone
+    for row in events.rows:
+        assert row.done.wait(30) and row.finish_reason == "cancelled" and len(row.tokens) < 64
 
 
 def test_a_stream_without_logprobs_sends_none(any_scorer: Scorer):
