@@ -117,7 +117,16 @@ def _plan(args: argparse.Namespace) -> int:
     from accelerate.utils import convert_file_size_to_int
 
     from mixtral_endpoint.model.checkpoint import inspect_checkpoint
-    from mixtral_endpoint.model.placement import Devices, describe, describe_kv, kv_budget, plan
+    from mixtral_endpoint.model.placement import (
+        TYPICAL_ROW_TOKENS,
+        Devices,
+        describe,
+        describe_kv,
+        describe_replicas,
+        kv_budget,
+        plan,
+        replica_plan,
+    )
 
     checkpoint = inspect_checkpoint(args.checkpoint)
     tokens = args.tokens or checkpoint.context_window
@@ -127,6 +136,12 @@ def _plan(args: argparse.Namespace) -> int:
     devices = Devices((nbytes(args.gpu_memory),) * args.gpus, nbytes(args.cpu_memory), nbytes(args.disk))
     result = plan(checkpoint, devices, dtype=args.dtype, rows=args.batch, tokens=tokens)
     print(describe(checkpoint, devices, result, rows=args.batch, tokens=tokens))
+    if args.gpus > 1:  # vLLM replicas, one per gunicorn worker, each on its own group of GPUs
+        row = (args.prompt_tokens + args.new_tokens) or TYPICAL_ROW_TOKENS
+        replicas = replica_plan(checkpoint, gpus=args.gpus, gpu_bytes=devices.gpu_bytes[0], dtype=args.dtype,
+                                kv_cache_dtype=args.kv_cache_dtype, memory_share=args.gpu_memory_utilization,
+                                row_tokens=row)
+        print(describe_replicas(replicas, gpus=args.gpus, max_queue=ServerConfig().max_queue, row_tokens=row))
     if not (args.prompt_tokens or args.new_tokens):
         return 0 if result.fits else 1
     # vLLM's cache: the share of each GPU it takes, less the weights; the rows x context plan above is our engine's.

@@ -32,6 +32,7 @@ from mixtral_endpoint.model.placement import (
     kv_budget,
     kv_cache_bytes,
     plan,
+    replica_plan,
 )
 from mixtral_endpoint.model.tokenizer import reference_tokenizer_file
 from mixtral_endpoint.protocol.config import ServerConfig
@@ -43,7 +44,8 @@ MIXTRAL_PARAMETERS = 46_702_792_704  # mistralai/Mixtral-8x7B-v0.1
 # GPUs per instance and memory per GPU of the SKUs the deployment files may name.
 SKUS = {"Standard_NC24ads_A100_v4": (1, 80 * GIB), "Standard_NC48ads_A100_v4": (2, 80 * GIB),
         "Standard_NC96ads_A100_v4": (4, 80 * GIB), "Standard_ND96asr_v4": (8, 40 * GIB),
-        "Standard_NC40ads_H100_v5": (1, 94 * 10**9)}  # one H100 NVL, 94 GB (taken as GB: the lower figure)
+        "Standard_NC40ads_H100_v5": (1, 94 * 10**9),  # one H100 NVL, 94 GB (taken as GB: the lower figure)
+        "Standard_ND96amsr_A100_v4": (8, 80 * GIB), "Standard_ND96isr_H100_v5": (8, 80 * GIB)}
 # The linear layers neuralmagic's FP8 Mixtral quantizes: attention projections and every expert's w1, w2, w3.
 # Embeddings, norms, the router (block_sparse_moe.gate) and lm_head stay BF16.
 FP8_LINEARS = ("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight")
@@ -256,3 +258,34 @@ def test_plan_command_says_how_many_rows_of_a_length_fit(mixtral: Path, mixtral_
     assert "tokens of fp8 KV (64.0 KiB each)" in out and "rows:        263 of 1000 + 500" in out
     status, out = run("--checkpoint", str(mixtral), "--gpus", "1", "--prompt-tokens", "1000", "--new-tokens", "500")
     assert status == 1 and "rows:        none" in out
+
+
+@pytest.mark.parametrize(("sku", "fp8", "replicas", "tensor_parallel"), [
+    ("Standard_ND96amsr_A100_v4", False, 4, 2), ("Standard_ND96isr_H100_v5", False, 4, 2),
+    ("Standard_ND96amsr_A100_v4", True, 8, 1), ("Standard_NC96ads_A100_v4", False, 2, 2),
+    ("Standard_ND96asr_v4", False, 2, 4),
+])
+def test_replicas_take_the_fewest_gpus_that_hold_the_weights_and_a_whole_window(
+        mixtral: Path, mixtral_fp8: Path, sku: str, fp8: bool, replicas: int, tensor_parallel: int):
+    gpus, memory = SKUS[sku]
+    checkpoint = inspect_checkpoint(mixtral_fp8 if fp8 else mixtral)
+    result = replica_plan(checkpoint, gpus=gpus, gpu_bytes=memory, dtype="bfloat16")
+    assert (result.replicas, result.tensor_parallel) == (replicas, tensor_parallel), result.refused
+    assert result.budget.tokens >= checkpoint.context_window
+    assert len(result.refused) == tensor_parallel.bit_length() - 1  # every smaller group, with its reason
+
+
+def test_plan_command_prints_the_replicas_and_the_settings_that_deploy_them(mixtral: Path, mixtral_fp8: Path,
+                                                                         capsys: pytest.CaptureFixture):
+    assert main(["plan", "--checkpoint", str(mixtral), "--gpus", "8", "--gpu-memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert ("replicas:    1 GPU(s) per replica would not do: 87.0 GiB of weights on each GPU, of the 68.0 GiB vLLM "
+            "may use there after 4.0 GiB headroom, do not fit") in out
+    assert ("replicas:    4 x tensor parallel 2 on 8 GPU(s): each GPU holds 43.5 GiB of weights; each replica's "
+            "cache 401,472 tokens (49.0 GiB), 392 rows of 1024 tokens, max_num_seqs 256") in out
+    assert ('deploy:      WORKER_COUNT=4 MIXTRAL_TENSOR_PARALLEL_SIZE=2 MIXTRAL_MAX_BATCH_SIZE=256 '
+            'GUNICORN_CMD_ARGS="--threads 272 --worker-connections 272"') in out
+    assert main(["plan", "--checkpoint", str(mixtral_fp8), "--gpus", "8", "--gpu-memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "replicas:    8 x tensor parallel 1 on 8 GPU(s): each GPU holds 43.8 GiB of weights" in out
+    assert "deploy:      WORKER_COUNT=8 MIXTRAL_TENSOR_PARALLEL_SIZE=1" in out

@@ -123,6 +123,65 @@ def kv_budget(checkpoint: Checkpoint, devices: Devices, *, dtype: str, kv_cache_
     return KvBudget(tokens=tokens, max_seqs=seqs, bytes=tokens * per_token * gpus)
 
 
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """Engine replicas of one instance on vLLM: each on its own group of `tensor_parallel` GPUs, one gunicorn
+    worker each (serving/replicas.py)."""
+
+    tensor_parallel: int  # GPUs per replica; 0: no group of the instance's GPUs holds the weights
+    replicas: int  # WORKER_COUNT
+    weights_per_gpu: int
+    budget: KvBudget  # each replica's cache
+    refused: tuple[str, ...]  # why each smaller group does not do
+
+
+def replica_plan(checkpoint: Checkpoint, *, gpus: int, gpu_bytes: int, dtype: str, kv_cache_dtype: str = "auto",
+                 memory_share: float = VLLM_MEMORY_SHARE, row_tokens: int = TYPICAL_ROW_TOKENS) -> ReplicaPlan:
+    """The smallest power-of-two group of GPUs whose vLLM cache, after its share of the weights, holds a row of the
+    whole context window (vLLM would lower its max_model_len otherwise), and as many replicas as the instance has
+    such groups. Fewer GPUs per replica means more replicas: a replica's batch costs each step about the same
+    weight reads, so the instance's throughput grows with the replicas while each has a useful cache."""
+    refused = []
+    group = 1
+    usable = int(gpu_bytes * memory_share)
+    while group <= gpus:
+        budget = kv_budget(checkpoint, Devices((usable,) * group, 0), dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+                           row_tokens=row_tokens)
+        weights = _ceil_div(checkpoint.bytes_as(dtype), group)
+        if budget.tokens >= checkpoint.context_window:
+            return ReplicaPlan(group, gpus // group, weights, budget, tuple(refused))
+        room = usable - VLLM_HEADROOM_PER_GPU
+        refused.append(f"{group} GPU(s) per replica would not do: {size(weights)} of weights on each GPU, of the "
+                       f"{size(room)} vLLM may use there after {size(VLLM_HEADROOM_PER_GPU)} headroom, "
+                       + (f"leaves a cache of {budget.tokens:,} tokens, under one "
+                          f"{checkpoint.context_window:,}-token window" if weights < room else "do not fit"))
+        group *= 2
+    return ReplicaPlan(0, 0, 0, KvBudget(0, 0, 0), tuple(refused))
+
+
+def describe_replicas(result: ReplicaPlan, *, gpus: int, max_queue: int, row_tokens: int) -> str:
+    """The replicas part of `mixtral-endpoint plan`: what fits, why, and the settings that deploy it."""
+    lines = [f"replicas:    {why}" for why in result.refused]
+    if not result.replicas:
+        lines.append(f"replicas:    none: no group of the {gpus} GPU(s) holds the weights and a whole window")
+        return "\n".join(lines)
+    budget = result.budget
+    spare = gpus - result.replicas * result.tensor_parallel
+    rows = budget.tokens // _whole_blocks(row_tokens)
+    lines += [
+        f"replicas:    {result.replicas} x tensor parallel {result.tensor_parallel} on {gpus} GPU(s)"
+        + (f" ({spare} left unused)" if spare else "") + f": each GPU holds {size(result.weights_per_gpu)} of weights; "
+        f"each replica's cache {budget.tokens:,} tokens ({size(budget.bytes)}), {rows} "
+        f"rows of {row_tokens} tokens, max_num_seqs {budget.max_seqs}",
+        # One worker per replica; each takes at most its batch and queue of connections, so a full replica leaves
+        # the next caller to another (docs/serving.md).
+        f"deploy:      WORKER_COUNT={result.replicas} MIXTRAL_TENSOR_PARALLEL_SIZE={result.tensor_parallel} "
+        f"MIXTRAL_MAX_BATCH_SIZE={budget.max_seqs} GUNICORN_CMD_ARGS=\"--threads {budget.max_seqs + max_queue} "
+        f"--worker-connections {budget.max_seqs + max_queue}\"",
+    ]
+    return "\n".join(lines)
+
+
 def plan(checkpoint: Checkpoint, devices: Devices, *, dtype: str, rows: int, tokens: int) -> Plan:
     weights = checkpoint.bytes_as(dtype)
     kv = kv_cache_bytes(checkpoint.config, rows=rows, tokens=tokens, dtype_bytes=TARGET_BYTES[dtype])
