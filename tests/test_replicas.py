@@ -17,11 +17,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from mixtral_endpoint.engines.engine import Capacity
 from mixtral_endpoint.protocol.errors import ConfigError
 from mixtral_endpoint.serving import replicas
 from tests.localserver import LocalServer
@@ -78,6 +80,54 @@ def test_each_process_claims_a_free_group_and_a_dead_ones_group_is_free_again(tm
     assert third.communicate(timeout=60)[0].strip() == first_line.strip()
     second.kill()
     second.wait()
+
+
+class StandInLine:
+    """What Metrics reads of a line: its counts, capacity, queue limit and engine."""
+
+    def __init__(self, running: int) -> None:
+        self.engine = SimpleNamespace(on_death=[], dead=None)
+        self.capacity = Capacity(rows=4)
+        self.max_queue = 8
+        self.counts = (running, 0, 0)
+
+
+def ended_rows(count: int) -> list[SimpleNamespace]:
+    return [SimpleNamespace(prompt=[1] * 5, submitted_at=0.0, started_at=0.1, first_token_at=0.2, last_token_at=0.5)
+            for _ in range(count)]
+
+
+def test_a_scrape_shows_every_workers_replica_and_azure_gets_only_its_own(tmp_path: Path):
+    """Two workers in two processes over one folder: a scrape of either shows both replicas; the dead one's live
+    gauges vanish with it and its counts stay; the registry Azure Monitor reads holds only this worker's."""
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from mixtral_endpoint.serving import azure_monitor
+    from mixtral_endpoint.serving.metrics import Metrics
+
+    other = ("import sys; from types import SimpleNamespace; from pathlib import Path; "
+             "from tests.test_replicas import StandInLine, ended_rows; from mixtral_endpoint.serving.metrics import "
+             f"Metrics; m = Metrics(StandInLine(3), model_name='m', max_model_len=64, engine='1', "
+             f"shared=Path({str(tmp_path)!r})); m._refresh(); m.record(ended_rows(3), [4] * 3, ['stop'] * 3, 1.0)")
+    subprocess.run([sys.executable, "-c", other], cwd=ROOT, check=True, timeout=120)
+    mine = Metrics(StandInLine(2), model_name="m", max_model_len=64, engine="0", shared=tmp_path)
+    mine.record(ended_rows(2), [4, 4], ["length", "length"], 1.0)
+    samples: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(mine.exposition().decode()):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    assert engines(samples, "vllm:request_success_total") == {"0": 2.0, "1": 3.0}  # the exited worker's counts stay
+    assert engines(samples, "vllm:generation_tokens_total") == {"0": 8.0, "1": 12.0}
+    assert engines(samples, "vllm:e2e_request_latency_seconds_count") == {"0": 2.0, "1": 3.0}
+    assert engines(samples, "vllm:num_requests_running") == {"0": 2.0}  # its live gauges went with it
+    assert engines(samples, "mixtral:engine_healthy") == {"0": 1.0}
+    reader = InMemoryMetricReader()
+    azure_monitor.meter_provider(mine.registry, [reader], instance="host", service="s")
+    points = {(m.name, tuple(sorted(p.attributes.items()))): p.value
+              for r in reader.get_metrics_data().resource_metrics for sc in r.scope_metrics for m in sc.metrics
+              for p in m.data.data_points}
+    assert {dict(labels)["engine"] for _, labels in points} == {"0"}
+    assert sum(v for (name, _), v in points.items() if name == "vllm:request_success_total") == 2
 
 
 @pytest.fixture(scope="module")

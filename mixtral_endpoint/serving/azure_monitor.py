@@ -7,7 +7,9 @@ nothing is added to a request's path. Counters go out as counters (Azure Monitor
 increase), gauges as gauges, and a histogram as its `_sum` and `_count` counters: Application Insights keeps
 a metric's sum and count, never its buckets (percentiles come from the per-request lines' fields). Every point
 carries its Prometheus labels, and the resource names the instance (`service.instance.id`, which Application
-Insights shows as cloud_RoleInstance), so one instance or the sum of all can be charted.
+Insights shows as cloud_RoleInstance), so one instance or the sum of all can be charted. With several engine
+replicas per instance (serving/replicas.py) each worker sends its own registry: its replica's series under its
+`engine` label, never the summed view its GET /metrics shows, so Azure sums the replicas without counting any twice.
 """
 
 from __future__ import annotations
