@@ -124,6 +124,9 @@ def test_echo_streams_the_prompt_and_its_logprobs_first(any_scorer: Scorer, max_
     assert "".join(c["text"] for c in choices(chunks, 0)) == expected["text"]
     assert close(completion_logprobs(chunks), expected["logprobs"])
     assert chunks[-1]["usage"] == answer["usage"]
+    plain = streamed(any_scorer, {k: v for k, v in body.items() if k != "logprobs"}, "completions")
+    assert next(choices(plain, 0))["text"].startswith("The capital of France is Paris")  # echo without logprobs
+    assert "".join(c["text"] for c in choices(plain, 0)) == expected["text"]
 
 
 def test_n_answers_of_several_prompts_stream_under_their_own_index_and_usage_sums_them(any_scorer: Scorer):
