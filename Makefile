@@ -59,6 +59,11 @@ bench: install
 	$(BIN)/python bench/structured.py --model medium --repeat 3
 	$(BIN)/python bench/operations.py
 	$(BIN)/python bench/operations.py --model medium --new-tokens 128 --requests 2 --repeat 3
+	$(BIN)/python bench/ceiling.py --callers 256 --metrics
+	$(BIN)/python bench/logprobs.py --model tiny --requests 8 --repeat 9
+	$(BIN)/python bench/logprobs.py --model medium
+	$(BIN)/python bench/vllm_bench.py --model tiny
+	$(BIN)/python bench/vllm_bench.py --model medium
 
 # A bounded soak on loopback: two minutes of concurrent good, bad and huge requests (fails on errors or leaks).
 soak: install

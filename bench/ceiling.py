@@ -1,6 +1,6 @@
 """The door and core's ceiling: how much of a GPU engine's throughput reaches the callers.
 
-    .venv/bin/python bench/ceiling.py [--callers 64 256] [--requests 4] [--new-tokens 128] [--operations]
+    .venv/bin/python bench/ceiling.py [--callers 64 256] [--requests 4] [--new-tokens 128] [--operations] [--metrics]
 
 A real azmlinfsrv, under deployment.yml's own environment (its threads, batch, queue and vLLM
 settings), serves the embedded model on its vLLM engine, with vLLM's LLMEngine replaced by a
@@ -15,6 +15,14 @@ With --operations a second server runs beside the first, the same but with what 
 (bench/operations.py: /metrics scraped every second, model data collection to a local sink, every prompt
 and answer screened by a local text:analyze server); the two are driven in turn and its throughput is
 printed over the plain server's: what operating the endpoint costs at GPU scale.
+
+With --metrics a second server (or a third, beside --operations) runs with the metrics path alone: /metrics
+scraped every second, and the deployment's Application Insights on (`app_insights_enabled`: azmlinfsrv's
+AML_APP_INSIGHTS_ENABLED and an instrumentation key), so the metrics also go to Azure Monitor at the product's
+default interval (OTEL_METRIC_EXPORT_INTERVAL unset: 60 s, serving/azure_monitor.py), and azmlinfsrv's request
+traces and our per-request lines to Application Insights' logs. The connection string names a local port
+nothing listens on: every export fails at once, and the exporters keep their envelopes on disk to retry, as
+they would while Azure is out of reach. Its throughput over the plain server's is printed the same way.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,7 +49,8 @@ from simulated_vllm import SimulatedLLM  # noqa: E402
 
 from mixtral_endpoint.doors.mlflow_model.packager import package_model  # noqa: E402
 from mixtral_endpoint.model.tiny import build_tiny  # noqa: E402
-from tests.localserver import LocalServer  # noqa: E402
+from mixtral_endpoint.serving.azure_monitor import DEFAULT_EXPORT_INTERVAL_MS  # noqa: E402
+from tests.localserver import LocalServer, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STEP_MS, ROW_MS = 20.0, 0.06
@@ -85,12 +95,25 @@ def engine_alone(rows: int, steps: int) -> float:
     return llm.tokens / (time.perf_counter() - start)
 
 
+def metrics_env(tmp: Path) -> dict[str, str]:
+    """Application Insights on, as `app_insights_enabled: true` turns it on for a deployment, with the connection
+    string (which azmlinfsrv's exporters and ours all read) naming a local port nothing listens on; the exporters'
+    retry files under `tmp`. The export interval is left to the product's default."""
+    key = str(uuid.uuid4())
+    tmp.mkdir(parents=True, exist_ok=True)
+    return {"AML_APP_INSIGHTS_ENABLED": "true", "AML_APP_INSIGHTS_KEY": key, "TMPDIR": str(tmp),
+            "APPLICATIONINSIGHTS_CONNECTION_STRING":
+                f"InstrumentationKey={key};IngestionEndpoint=http://127.0.0.1:{free_port()}/"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--callers", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--operations", action="store_true", help="also an operated server, driven in turn")
+    parser.add_argument("--metrics", action="store_true",
+                        help="also a server with the metrics path alone (scraped, and exported to Azure Monitor)")
     args = parser.parse_args()
     deployment = yaml.safe_load((ROOT / "deployment.yml").read_text())
     env = {k: str(v) for k, v in deployment["environment_variables"].items()}
@@ -108,6 +131,13 @@ def main() -> None:
             stop = threading.Event()
             stack.callback(stop.set)
             threading.Thread(target=scrape, args=(servers["operated"].url, stop), daemon=True).start()
+        if args.metrics:
+            servers["metrics"] = stack.enter_context(LocalServer(model_dir, Path(tmp) / "metrics.log",
+                                                                 {**env, **metrics_env(Path(tmp) / "metrics-tmp")},
+                                                                 entry_script=entry))
+            stop = threading.Event()
+            stack.callback(stop.set)
+            threading.Thread(target=scrape, args=(servers["metrics"].url, stop), daemon=True).start()
         for server in servers.values():
             asyncio.run(crowd(server.port, 8, 1, 8, False))  # warm-up
         turn = 0
@@ -130,12 +160,31 @@ def main() -> None:
                                        for part, s in spent.items()}})
                     print(json.dumps(results[-1]), flush=True)
                 turn += 1
-                if "operated" in rates:
-                    print(json.dumps({"callers": callers, "stream": stream,
-                                      "operated_over_plain": round(rates["operated"] / rates["plain"], 3)}), flush=True)
+                for name in (name for name in servers if name != "plain"):
+                    print(json.dumps({"server": name, "callers": callers, "stream": stream,
+                                      "operated_over_plain": round(rates[name] / rates["plain"], 3)}), flush=True)
+        stack.close()  # the servers stopped: their last exports made
+        exports = azure_monitor_exports(Path(tmp) / "metrics.log", Path(tmp) / "metrics-tmp") if args.metrics else {}
     print(json.dumps({"machine": "see README", "step_ms": STEP_MS, "row_ms": ROW_MS,
                       "deployment": {k: env[k] for k in ("GUNICORN_CMD_ARGS", "MIXTRAL_MAX_BATCH_SIZE",
-                                                         "MIXTRAL_MAX_QUEUE")}, "results": results}, indent=2))
+                                                         "MIXTRAL_MAX_QUEUE")},
+                      **({"azure_monitor": exports} if exports else {}), "results": results}, indent=2))
+
+
+def azure_monitor_exports(log: Path, tmp: Path) -> dict[str, object]:
+    """What shows the metrics server's exports were on: its log's line, and the envelopes its exporters stored
+    to retry (one file per failed export), metrics and the rest (logs, traces) apart."""
+    metric_files = other_files = 0
+    for blob in tmp.rglob("*.blob*"):
+        text = blob.read_text(errors="replace")
+        if '"MetricData"' in text:
+            metric_files += 1
+        else:
+            other_files += 1
+    interval_s = DEFAULT_EXPORT_INTERVAL_MS / 1000
+    return {"interval_s": interval_s,
+            "started": f"metrics go to Azure Monitor every {interval_s:g} s" in log.read_text(errors="replace"),
+            "failed_exports_stored": {"metrics": metric_files, "logs_and_traces": other_files}}
 
 
 if __name__ == "__main__":
