@@ -235,6 +235,18 @@ def test_a_stream_flagged_midway_withholds_the_logprobs_of_what_it_withholds(sco
     assert spelled.lstrip() == text  # the released text's tokens, none of the withheld
 
 
+def test_each_of_n_streamed_answers_is_screened_and_withheld_on_its_own(scorer: Scorer, fake: FakeContentSafety):
+    core = screened_scorer(scorer, fake)
+    fake.flag_after = 1  # the prompt passes; every answer's first window is flagged
+    body = {"messages": CHAT, "n": 2, "max_tokens": 200, "ignore_eos": True, "logprobs": True, "seed": 1,
+            "stream_options": {"include_usage": True}}
+    chunks = streamed(core, body, "chat")
+    for i in (0, 1):
+        assert [c["finish_reason"] for c in choices(chunks, i) if c["finish_reason"]] == ["content_filter"]
+        assert chat_text(chunks, i) == "" and chat_logprobs(chunks, i) == []
+    assert chunks[-1]["usage"]["completion_tokens"] == 0
+
+
 def test_the_openai_sdk_streams_logprobs_and_n(any_server):
     url, _ = any_server
     client = OpenAI(base_url=url + "/v1", api_key="unused-locally", max_retries=0)

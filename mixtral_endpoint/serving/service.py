@@ -19,7 +19,7 @@ import re
 import time
 import weakref
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -300,9 +300,7 @@ class Scorer:
         sent = [0] * len(rows)  # with log-probabilities: each row's tokens gone out
         prompt_texts = self._prompt_texts(request)
         unstarted = [not request.is_chat or request.settings.prompt_logprobs is not None] * len(rows)
-        # With screening, each row's text is released window by window, each once screened (safety.py), its
-        # tokens' log-probabilities with it: [released, held, held log-probabilities, window].
-        screened = [["", "", [], STREAM_WINDOW_CHARS] for _ in rows] if self.screen is not None else None
+        screened = [_Screened() for _ in rows] if self.screen is not None else None
 
         def piece(i: int, text: str, logprobs: tuple[Logprob, ...] | None, completion: Completion | None) -> Piece:
             nonlocal left
@@ -330,25 +328,22 @@ class Scorer:
                             yield Piece._make((i, text, logprobs, None, None, None))
                         continue
                     state = screened[i]
-                    state[1] += text
-                    state[2] += logprobs or ()
+                    state.held += text
+                    state.logprobs += logprobs or ()
                     if ended:
                         completion = self._complete(rows[i], texts[i], prompt_texts[i])
-                        if state[1] and self.screen.start(state[1]).answer_flagged():
-                            yield piece(i, "", () if asked else None, _withheld(completion, state[0]))
+                        if state.held and self.screen.start(state.held).answer_flagged():
+                            yield piece(i, "", () if asked else None, _withheld(completion, state.released))
                         else:
-                            yield piece(i, state[1], tuple(state[2]) if asked else None, completion)
-                    elif len(state[1]) >= state[3]:
-                        if self.screen.start(state[1]).answer_flagged():
+                            yield piece(i, state.held, tuple(state.logprobs) if asked else None, completion)
+                    elif len(state.held) >= state.window:
+                        if self.screen.start(state.held).answer_flagged():
                             self.line.cancel([rows[i]])
                             open_rows.discard(id(rows[i]))
-                            yield piece(i, "", () if asked else None, self._flagged(rows[i], state[0],
+                            yield piece(i, "", () if asked else None, self._flagged(rows[i], state.released,
                                                                                    prompt_texts[i], asked))
                             continue
-                        released_text, state[0] = state[1], state[0] + state[1]
-                        logprobs, state[1], state[2] = tuple(state[2]) if asked else None, "", []
-                        state[3] = min(2 * state[3], CHUNK_CHARS)
-                        yield piece(i, released_text, logprobs, None)
+                        yield piece(i, *state.release(asked), None)
         except GeneratorExit:  # the caller went away; _follow has cancelled the rows
             if left:
                 deadline = time.monotonic() + DEADLINE_GRACE_S
@@ -423,6 +418,24 @@ class Scorer:
             fields["prompt"] = repr(request.conversation or request.prompts)
         shown = {**fields, "request_id": _logged(request_id)}
         log.info(" ".join(f"{'request' if k == 'request_id' else k}=%s" for k in shown), *shown.values(), extra=fields)
+
+
+@dataclass
+class _Screened:
+    """One streamed answer under screening: its text goes out window by window, each once screened (safety.py),
+    its tokens' log-probabilities with it."""
+
+    released: str = ""
+    held: str = ""  # the next window, screened once it is full
+    logprobs: list[Logprob] = field(default_factory=list)  # the held text's tokens'
+    window: int = STREAM_WINDOW_CHARS
+
+    def release(self, asked: bool) -> tuple[str, tuple[Logprob, ...] | None]:
+        """The held window, screened and passed, and its log-probabilities; the next window is twice as long."""
+        text, logprobs = self.held, tuple(self.logprobs) if asked else None
+        self.released, self.held, self.logprobs = self.released + text, "", []
+        self.window = min(2 * self.window, CHUNK_CHARS)
+        return text, logprobs
 
 
 def _answer_settings(settings: SamplingSettings, answer: int) -> SamplingSettings:
