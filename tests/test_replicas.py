@@ -105,10 +105,19 @@ def test_a_scrape_shows_every_workers_replica_and_azure_gets_only_its_own(tmp_pa
     from mixtral_endpoint.serving import azure_monitor
     from mixtral_endpoint.serving.metrics import Metrics
 
-    other = ("import sys; from types import SimpleNamespace; from pathlib import Path; "
-             "from tests.test_replicas import StandInLine, ended_rows; from mixtral_endpoint.serving.metrics import "
-             f"Metrics; m = Metrics(StandInLine(3), model_name='m', max_model_len=64, engine='1', "
-             f"shared=Path({str(tmp_path)!r})); m._refresh(); m.record(ended_rows(3), [4] * 3, ['stop'] * 3, 1.0)")
+    # The other worker, in a process of its own that has exited by the scrape (light: no test module imported).
+    other = f"""
+from pathlib import Path
+from types import SimpleNamespace
+from mixtral_endpoint.engines.engine import Capacity
+from mixtral_endpoint.serving.metrics import Metrics
+line = SimpleNamespace(engine=SimpleNamespace(on_death=[], dead=None), capacity=Capacity(rows=4), max_queue=8,
+                       counts=(3, 0, 0))
+rows = [SimpleNamespace(prompt=[1] * 5, submitted_at=0.0, started_at=0.1, first_token_at=0.2, last_token_at=0.5)] * 3
+metrics = Metrics(line, model_name="m", max_model_len=64, engine="1", shared=Path({str(tmp_path)!r}))
+metrics.exposition()
+metrics.record(rows, [4] * 3, ["stop"] * 3, 1.0)
+"""
     subprocess.run([sys.executable, "-c", other], cwd=ROOT, check=True, timeout=120)
     mine = Metrics(StandInLine(2), model_name="m", max_model_len=64, engine="0", shared=tmp_path)
     mine.record(ended_rows(2), [4, 4], ["length", "length"], 1.0)
