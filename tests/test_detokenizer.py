@@ -85,3 +85,30 @@ def test_tokens_stop_at_the_one_that_completed_the_stop_string(tokenizer: Prompt
     feed(detokenizer, ids)
     assert detokenizer.tokens == ids[: len(detokenizer.tokens)] and len(detokenizer.tokens) < len(ids)
     assert tokenizer.decode(detokenizer.tokens).endswith("three")
+
+
+@pytest.mark.parametrize("stops", [(), ("you?", "🙂 b")])
+@pytest.mark.parametrize("text", TEXTS)
+def test_with_marks_each_piece_is_exactly_its_tokens_text(tokenizer: PromptTokenizer, text: str, stops: tuple):
+    """A stream asking for log-probabilities: a piece ends where a token's text ends (a character's first bytes
+    wait for its last), and `released` counts the tokens it completes; the end releases every token, EOS and a
+    stop string's included."""
+    prompt = tokenizer.encode_text("Once upon a time")
+    ids = [*tokenizer.encode_text(text)[1:], tokenizer.eos_id]
+    detokenizer = Detokenizer(tokenizer.decode, eos_id=tokenizer.eos_id, stops=stops, context=prompt[-8:],
+                              marks=True)
+    released, text_so_far = 0, ""
+    for token in ids:
+        detokenizer.add(token)
+        piece = detokenizer.take(final=detokenizer.stopped)
+        if not detokenizer.stopped:
+            assert text_so_far + piece == tokenizer.decode([*prompt[-8:], *ids[:detokenizer.released]])[
+                len(tokenizer.decode(prompt[-8:])):], token
+        assert detokenizer.released >= released
+        released, text_so_far = detokenizer.released, text_so_far + piece
+        if detokenizer.stopped:
+            break
+    else:
+        detokenizer.flush()
+        text_so_far += detokenizer.take(final=True)
+    assert detokenizer.released == len(detokenizer.tokens) and text_so_far == detokenizer.text
