@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mixtral_endpoint.engines.engine import Capacity
 from mixtral_endpoint.protocol.errors import ConfigError
 from mixtral_endpoint.serving import replicas
+from mixtral_endpoint.serving.metrics import REFRESH_S
 from tests.localserver import LocalServer
 
 from .conftest import SERVER_ENV
@@ -206,6 +207,7 @@ def test_each_worker_serves_its_own_group_and_every_scrape_shows_both_replicas(t
     before = sum(engines(scrape(server.url), "vllm:request_success_total").values())
     statuses = score_many(server.url, 2 * (BATCH + QUEUE))
     assert statuses.count(200) == len(statuses), statuses
+    time.sleep(REFRESH_S + 0.5)  # each worker writes its line's gauges every REFRESH_S (and at its own scrapes)
     for _ in range(6):  # each scrape reaches either worker; every one shows both replicas
         samples = scrape(server.url)
         rows = engines(samples, "vllm:request_success_total")
