@@ -46,13 +46,18 @@ def init() -> None:
     # With WORKER_COUNT > 1 each worker serves one engine replica on its own GPU group (serving/replicas.py),
     # chosen before anything starts CUDA.
     replica = replicas.claim(os.environ, tensor_parallel_size=config.tensor_parallel_size)
-    if replica is not None and replica.gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(replica.gpus)
+    if replica is not None:
+        log.info("replica %d of %d: GPU(s) %s (worker %d)", replica.index, replica.count,
+                 ",".join(replica.gpus) or "none, on the CPU", os.getpid())
+        if replica.gpus:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(replica.gpus)
     scorer = load_scorer(Path(os.environ.get("AZUREML_MODEL_DIR", "model")), config)
     if replica is not None:
         # GET /metrics reaches any worker: each keeps its replica's values where every worker's scrape reads them.
         scorer.metrics = Metrics(scorer.line, model_name=MODEL_NAME, max_model_len=scorer.max_total_tokens,
                                  engine=str(replica.index), shared=replica.metrics_folder)
+        line = scorer.line
+        replicas.load = lambda connections: max(sum(line.counts[:2]), connections) / line.capacity.rows
     # azmlinfsrv's health route cannot report a dead engine: end the worker, and gunicorn starts a fresh one.
     scorer.engine.on_death.append(_exit_worker)
     metrics_export = _metrics_to_azure_monitor(routes.main_blueprint, scorer.metrics.registry)

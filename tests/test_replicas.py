@@ -32,9 +32,10 @@ from tests.localserver import LocalServer
 from .conftest import SERVER_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
-CLAIM = re.compile(r"\[(\d+)\] mixtral_endpoint\.serving\.replicas - replica (\d) of 2: GPU\(s\) (\S+)")
+CLAIM = re.compile(r"\[(\d+)\] mixtral_endpoint\.score - replica (\d) of 2: GPU\(s\) (\S+)")
 BODY = {"input_data": {"input_string": ["The capital of France is"]}, "parameters": {"max_new_tokens": 8}}
-# Each replica: 2 rows in its batch, 4 waiting; gunicorn caps each worker at that many connections (serving.md).
+# Each replica: 2 rows in its batch, 4 waiting; gunicorn caps each worker at that many connections, and the busier
+# worker is the slower to accept (replicas.ReplicaWorker; serving.md).
 BATCH, QUEUE = 2, 4
 
 
@@ -145,7 +146,8 @@ def two_replicas(azureml_models: Path, tmp_path_factory: pytest.TempPathFactory)
     hooks = tmp_path_factory.mktemp("replicas")
     env = {**SERVER_ENV, "MIXTRAL_ENGINE": "transformers", "WORKER_COUNT": "2", "CUDA_VISIBLE_DEVICES": "0,1",
            "MIXTRAL_MAX_BATCH_SIZE": str(BATCH), "MIXTRAL_MAX_QUEUE": str(QUEUE), "MIXTRAL_MAX_PROMPTS": "2",
-           "GUNICORN_CMD_ARGS": f"--threads {BATCH + QUEUE} --worker-connections {BATCH + QUEUE}",
+           "GUNICORN_CMD_ARGS": f"--threads {BATCH + QUEUE} --worker-connections {BATCH + QUEUE} "
+                                f"--worker-class {replicas.__name__}.ReplicaWorker",
            "POISON_FILE": str(hooks / "poison")}
     with LocalServer(azureml_models, hooks / "azmlinfsrv.log", env,
                      entry_script=ROOT / "tests" / "entry" / "poisoned_score.py") as server:
@@ -269,3 +271,26 @@ def test_one_replicas_death_leaves_the_other_serving_and_its_replacement_takes_t
     assert score_many(server.url, 4).count(200) == 4
     print(f"replica {index} replaced in {replaced_s:.1f} s; {answered_meanwhile} answers with 200 meanwhile; "
           f"statuses {sorted(set(statuses))}")
+
+
+def test_the_plan_names_the_worker_class_that_exists():
+    from mixtral_endpoint.model.placement import WORKER_CLASS
+
+    assert f"{replicas.__name__}.{replicas.ReplicaWorker.__name__}" == WORKER_CLASS
+
+
+def test_a_busy_worker_waits_before_it_accepts_and_an_idle_one_does_not(monkeypatch: pytest.MonkeyPatch):
+    from gunicorn.workers.gthread import ThreadWorker
+
+    waits: list[float] = []
+    monkeypatch.setattr(replicas.time, "sleep", waits.append)
+    monkeypatch.setattr(ThreadWorker, "accept", lambda self, listener: None)
+    worker = replicas.ReplicaWorker.__new__(replicas.ReplicaWorker)  # gunicorn's set-up is not needed to accept
+    worker.nr_conns = 3
+    for rows in (0, 2, 4, 100):
+        monkeypatch.setattr(replicas, "load", lambda connections, rows=rows: max(rows, connections) / 2)
+        replicas.ReplicaWorker.accept(worker, None)
+    monkeypatch.setattr(replicas, "load", lambda connections: 0.0)
+    worker.nr_conns = 0
+    replicas.ReplicaWorker.accept(worker, None)
+    assert waits == [0.0075, 0.0075, 0.01, 0.02]  # 5 ms per batch held (3 connections of a batch of 2), 20 ms at most

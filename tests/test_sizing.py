@@ -284,7 +284,8 @@ def test_plan_command_prints_the_replicas_and_the_settings_that_deploy_them(mixt
     assert ("replicas:    4 x tensor parallel 2 on 8 GPU(s): each GPU holds 43.5 GiB of weights; each replica's "
             "cache 401,472 tokens (49.0 GiB), 392 rows of 1024 tokens, max_num_seqs 256") in out
     assert ('deploy:      WORKER_COUNT=4 MIXTRAL_TENSOR_PARALLEL_SIZE=2 MIXTRAL_MAX_BATCH_SIZE=256 '
-            'GUNICORN_CMD_ARGS="--threads 272 --worker-connections 272"') in out
+            'GUNICORN_CMD_ARGS="--threads 272 --worker-connections 272 '
+            '--worker-class mixtral_endpoint.serving.replicas.ReplicaWorker"') in out
     assert main(["plan", "--checkpoint", str(mixtral_fp8), "--gpus", "8", "--gpu-memory", "80GiB"]) == 0
     out = capsys.readouterr().out
     assert "replicas:    8 x tensor parallel 1 on 8 GPU(s): each GPU holds 43.8 GiB of weights" in out

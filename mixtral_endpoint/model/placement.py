@@ -37,6 +37,8 @@ VLLM_HEADROOM_PER_GPU = 4 * GIB
 VLLM_MEMORY_SHARE = 0.9  # vLLM's default gpu_memory_utilization: the share of each GPU it may take
 KV_BLOCK_TOKENS = 16  # vLLM's paged-cache block on GPU: a row holds whole blocks
 TYPICAL_ROW_TOKENS = 1024  # prompt + max_new_tokens of a typical row, when choosing max_num_seqs
+# The gunicorn worker class of a replica's worker (serving/replicas.py; named here, not imported: a lower layer).
+WORKER_CLASS = "mixtral_endpoint.serving.replicas.ReplicaWorker"
 KV_CACHE_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}  # vLLM's names
 
 
@@ -173,11 +175,11 @@ def describe_replicas(result: ReplicaPlan, *, gpus: int, max_queue: int, row_tok
         + (f" ({spare} left unused)" if spare else "") + f": each GPU holds {size(result.weights_per_gpu)} of weights; "
         f"each replica's cache {budget.tokens:,} tokens ({size(budget.bytes)}), {rows} "
         f"rows of {row_tokens} tokens, max_num_seqs {budget.max_seqs}",
-        # One worker per replica; each takes at most its batch and queue of connections, so a full replica leaves
-        # the next caller to another (docs/serving.md).
+        # One worker per replica; each takes at most its batch and queue of connections, and the busier is the
+        # slower to take one (docs/serving.md).
         f"deploy:      WORKER_COUNT={result.replicas} MIXTRAL_TENSOR_PARALLEL_SIZE={result.tensor_parallel} "
         f"MIXTRAL_MAX_BATCH_SIZE={budget.max_seqs} GUNICORN_CMD_ARGS=\"--threads {budget.max_seqs + max_queue} "
-        f"--worker-connections {budget.max_seqs + max_queue}\"",
+        f"--worker-connections {budget.max_seqs + max_queue} --worker-class {WORKER_CLASS}\"",
     ]
     return "\n".join(lines)
 

@@ -9,6 +9,9 @@ that dies (its engine died or stalled: exit status 70) releases its lock with it
 starts in its place claims the same group, while the other workers keep serving. The group's index is the
 replica's: the metrics' `engine` label, as vLLM labels its data-parallel engines.
 
+Every worker accepts on the one listening socket; `ReplicaWorker` (gunicorn's gthread worker, named by
+`--worker-class`) makes the busier replica the slower to accept, so callers spread by load.
+
 With one worker nothing is claimed and nothing changes. Pure but for the lock files and the GPU count, which is
 read without CUDA (the driver's /proc entries, else `nvidia-smi`): CUDA must not start before the group is chosen.
 """
@@ -17,29 +20,31 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from mixtral_endpoint.protocol.errors import ConfigError
+from gunicorn.workers.gthread import ThreadWorker
 
-log = logging.getLogger(__name__)
+from mixtral_endpoint.protocol.errors import ConfigError
 
 CLAIM_WAIT_S = 10.0  # a replacement may start while its predecessor's exit still holds the lock
 
 
 @dataclass(frozen=True)
 class Replica:
-    """The replica this worker serves: its index (the `engine` label), its GPUs, the server's shared folder."""
+    """The replica this worker serves: its index (the `engine` label), its GPUs, the server's shared folder. The
+    entry script logs it: gunicorn imports this module in its master (ReplicaWorker), where azmlinfsrv's logging
+    set-up disables the loggers that exist by then."""
 
     index: int
+    count: int  # the replicas of this server (WORKER_COUNT)
     gpus: tuple[str, ...]  # CUDA device ids; empty on a host without GPUs (each worker then holds a CPU copy)
     folder: Path  # shared by every worker of this server start: the locks, and metrics/ (serving/metrics.py)
     lock: IO[bytes]  # held open for the worker's life: the OS releases the lock when the process ends
@@ -123,9 +128,7 @@ def claim(environ: Mapping[str, str], *, tensor_parallel_size: int, folder: Path
                 if exc.errno in (errno.EACCES, errno.EAGAIN):
                     continue  # another worker's
                 raise
-            log.info("replica %d of %d: GPU(s) %s (worker %d)", index, count, ",".join(group) or "none, on the CPU",
-                     os.getpid())
-            return Replica(index, group, folder, lock)
+            return Replica(index, count, group, folder, lock)
         if time.monotonic() >= deadline:
             raise ConfigError(f"every one of the {count} replicas' groups is held by another worker ({folder})")
         time.sleep(0.2)
@@ -144,3 +147,23 @@ def _driver_gpu_count() -> int:
     except (OSError, subprocess.SubprocessError):
         return 0
     return sum(1 for line in listed.splitlines() if line.startswith("GPU "))
+
+
+# How busy this worker's replica is, given the connections the worker holds: its rows (generating and waiting, or
+# the connections where more: a caller's request is on its way to the line) over its batch. Set by score.py's init()
+# once the engine serves; None before.
+load: Callable[[int], float] | None = None
+ACCEPT_DELAY_S = 0.005  # per full batch: how much later a busy worker reaches for a new connection than an idle one
+
+
+class ReplicaWorker(ThreadWorker):
+    """gunicorn's gthread worker, slower to accept the busier its replica. Every worker wakes when a connection waits
+    on the shared socket and the first to accept it serves it: a busy worker is often first (measured in
+    docs/serving.md), so one waits ACCEPT_DELAY_S per batch its replica holds (at most 4) before it reaches for the
+    connection, and an idler replica takes the caller. Named by `--worker-class` (GUNICORN_CMD_ARGS)."""
+
+    def accept(self, listener) -> None:  # noqa: ANN001 (gunicorn's listener)
+        share = load(self.nr_conns) if load is not None else 0.0
+        if share > 0:
+            time.sleep(ACCEPT_DELAY_S * min(share, 4.0))
+        super().accept(listener)
