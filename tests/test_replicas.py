@@ -294,3 +294,14 @@ def test_a_busy_worker_waits_before_it_accepts_and_an_idle_one_does_not(monkeypa
     worker.nr_conns = 0
     replicas.ReplicaWorker.accept(worker, None)
     assert waits == [0.0075, 0.0075, 0.01, 0.02]  # 5 ms per batch held (3 connections of a batch of 2), 20 ms at most
+
+
+def test_more_workers_than_groups_stop_the_server_at_start_naming_both(azureml_models: Path, tmp_path: Path):
+    env = {**SERVER_ENV, "MIXTRAL_ENGINE": "transformers", "WORKER_COUNT": "3", "CUDA_VISIBLE_DEVICES": "0,1"}
+    server = LocalServer(azureml_models, tmp_path / "azmlinfsrv.log", env)
+    try:
+        assert not server.wait_ready(timeout=120)  # gunicorn halts: a worker's init() failed
+    finally:
+        server.stop()
+    assert "WORKER_COUNT=3 asks for 3 engine replicas, but 2 GPU(s) (0,1) make 2 group(s) of 1" in \
+        server.log_path.read_text()
