@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mixtral_endpoint.serving.replicas import ReplicaWorker
+
 from .localserver import LocalServer
 from .test_sizing import GIB, SKUS
 
@@ -163,6 +165,8 @@ def test_replicas_split_the_skus_gpus_into_groups_that_each_take_one_worker_and_
     assert usable * 0.75 > MIXTRAL_PARAMETERS * 2
     threads = int(re.search(r"--threads (\d+)", env["GUNICORN_CMD_ARGS"])[1])
     assert int(re.search(r"--worker-connections (\d+)", env["GUNICORN_CMD_ARGS"])[1]) == threads
+    worker_class = re.search(r"--worker-class (\S+)", env["GUNICORN_CMD_ARGS"])[1]
+    assert worker_class == f"{ReplicaWorker.__module__}.{ReplicaWorker.__name__}"
     # Each replica is deployment.yml's own (2 GPUs, its batch and line), so its sizing and tests carry over.
     blue = load("deployment.yml")["environment_variables"]
     assert {k: env[k] for k in ("MIXTRAL_MAX_BATCH_SIZE", "MIXTRAL_MAX_QUEUE", "MIXTRAL_DTYPE")} == {
@@ -188,7 +192,7 @@ def test_a_full_worker_leaves_the_next_connection_to_another(tmp_path: Path):
     as a replica would queue requests while another replica stood idle."""
     (tmp_path / "score.py").write_text(SLEEPING_SCORE)
     flags = load("deployments/nd96amsr-a100.yml")["environment_variables"]["GUNICORN_CMD_ARGS"]
-    assert re.fullmatch(r"--threads (\d+) --worker-connections \1", flags)
+    assert re.fullmatch(r"--threads (\d+) --worker-connections \1 --worker-class \S+", flags)
     env = {"WORKER_COUNT": "2", "GUNICORN_CMD_ARGS": re.sub(r"\d+", "2", flags)}
 
     def call(url: str) -> int:
