@@ -12,8 +12,8 @@ The baseline, measured in the same run: the stand-in stepped alone with N rows, 
 the callers' tokens take. Printed: the share of that throughput the callers got.
 
 With --operations a second server runs beside the first, the same but with what an operator turns on
-(bench/operations.py: /metrics scraped every second, model data collection to a local sink, every prompt
-and answer screened by a local text:analyze server); the two are driven in turn and its throughput is
+(bench/operations.py: /metrics scraped every second from a process of its own, model data collection to a local
+sink, every prompt and answer screened by a local text:analyze server); the two are driven in turn and its throughput is
 printed over the plain server's: what operating the endpoint costs at GPU scale.
 
 With --metrics a second server (or a third, beside --operations) runs with the metrics path alone: /metrics
@@ -31,12 +31,13 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import re
 import sys
 import tempfile
-import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -128,26 +129,23 @@ def main() -> None:
             operated = stack.enter_context(operations_env()).env
             servers["operated"] = stack.enter_context(LocalServer(model_dir, Path(tmp) / "operated.log",
                                                                   {**env, **operated}, entry_script=entry))
-            stop = threading.Event()
-            stack.callback(stop.set)
-            threading.Thread(target=scrape, args=(servers["operated"].url, stop), daemon=True).start()
+            stack.enter_context(scraping(servers["operated"].url))
         if args.metrics:
             servers["metrics"] = stack.enter_context(LocalServer(model_dir, Path(tmp) / "metrics.log",
                                                                  {**env, **metrics_env(Path(tmp) / "metrics-tmp")},
                                                                  entry_script=entry))
-            stop = threading.Event()
-            stack.callback(stop.set)
-            threading.Thread(target=scrape, args=(servers["metrics"].url, stop), daemon=True).start()
+            stack.enter_context(scraping(servers["metrics"].url))
         for server in servers.values():
             asyncio.run(crowd(server.port, 8, 1, 8, False))  # warm-up
-        turn = 0
-        for callers in args.callers:
+        for k, callers in enumerate(args.callers):
             rows = min(callers, int(env["MIXTRAL_MAX_BATCH_SIZE"]))
             alone = engine_alone(rows, args.requests * args.new_tokens)
             for stream in (False, True):
                 rates = {}
                 order = list(servers.items())
-                for name, server in order[::-1] if turn % 2 else order:  # alternated: drift falls on both
+                # Which server goes first alternates between the modes and from one --callers entry to the next
+                # (`--callers 256 256` runs each mode in both orders): drift falls on both.
+                for name, server in order[::-1] if (k + stream) % 2 else order:
                     before = cpu_seconds(server)
                     tokens, seconds = asyncio.run(crowd(server.port, callers, args.requests, args.new_tokens, stream))
                     spent = {part: s - before[part] for part, s in cpu_seconds(server).items()}
@@ -159,7 +157,6 @@ def main() -> None:
                                     **{f"{part}_cpu_ms_per_request": round(1000 * s / (callers * args.requests), 2)
                                        for part, s in spent.items()}})
                     print(json.dumps(results[-1]), flush=True)
-                turn += 1
                 for name in (name for name in servers if name != "plain"):
                     print(json.dumps({"server": name, "callers": callers, "stream": stream,
                                       "operated_over_plain": round(rates[name] / rates["plain"], 3)}), flush=True)
@@ -169,6 +166,20 @@ def main() -> None:
                       "deployment": {k: env[k] for k in ("GUNICORN_CMD_ARGS", "MIXTRAL_MAX_BATCH_SIZE",
                                                          "MIXTRAL_MAX_QUEUE")},
                       **({"azure_monitor": exports} if exports else {}), "results": results}, indent=2))
+
+
+@contextlib.contextmanager
+def scraping(url: str) -> Iterator[None]:
+    """GET /metrics every second from a process of its own, as Prometheus scrapes (a thread here would take the
+    GIL from this process's callers and count against the server)."""
+    stop = multiprocessing.Event()
+    scraper = multiprocessing.Process(target=scrape, args=(url, stop), daemon=True)
+    scraper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        scraper.join(timeout=5)
 
 
 def azure_monitor_exports(log: Path, tmp: Path) -> dict[str, object]:
