@@ -73,11 +73,7 @@ def parse(body: Any, route: Route, limits: RequestLimits, *, extra_parameters: s
     """Validates an OpenAI body through the core's own rules; errors name the OpenAI field."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
-    # Without the header, as vLLM's server and Azure's catalog container do: our extras pass through.
-    mode = (extra_parameters or "pass-through").strip().lower()
-    if mode not in EXTRA_MODES:
-        raise InvalidRequest(f"the extra-parameters header must be one of {', '.join(EXTRA_MODES)}, got "
-                             f"{clip(extra_parameters or '')!r}", param="extra-parameters")
+    mode = extra_mode(extra_parameters)
     _refuse_what_mixtral_cannot_do(body)
     parameters = _parameters(body, route, mode)
     echo, prompt_only = _logprobs(body, route, parameters)
@@ -144,18 +140,34 @@ def _logprobs(body: dict[str, Any], route: Route, parameters: dict[str, Any]) ->
     return bool(echo), prompt_only
 
 
-def _parameters(body: dict[str, Any], route: Route, mode: str) -> dict[str, Any]:
-    parameters: dict[str, Any] = {}
-    extras = [k for k in body if k not in OPENAI_FIELDS[route]]
+def extra_mode(header: str | None) -> str:
+    """Azure AI Model Inference's `extra-parameters` header. Without it, as vLLM's server and Azure's catalog
+    container do: our extras pass through."""
+    mode = (header or "pass-through").strip().lower()
+    if mode not in EXTRA_MODES:
+        raise InvalidRequest(f"the extra-parameters header must be one of {', '.join(EXTRA_MODES)}, got "
+                             f"{clip(header or '')!r}", param="extra-parameters")
+    return mode
+
+
+def extra_parameters(body: dict[str, Any], known: frozenset[str], allowed: Sequence[str], mode: str) -> dict[str, Any]:
+    """The body's fields beyond a route's `known` ones, as the parameters table names them: a 400 under `error`,
+    none under `drop`, and under `pass-through` those among `allowed` (a 400 naming any other)."""
+    extras = [k for k in body if k not in known]
     if extras and mode == "error":
-        raise InvalidRequest(f"unknown parameter '{clip(extras[0])}'; extra parameters ({', '.join(EXTRAS)}) need "
+        raise InvalidRequest(f"unknown parameter '{clip(extras[0])}'; extra parameters ({', '.join(allowed)}) need "
                              "the header extra-parameters: pass-through", param=clip(extras[0]))
-    if mode == "pass-through":
-        unknown = [k for k in extras if k not in EXTRAS]
-        if unknown:
-            raise InvalidRequest(f"unknown parameter '{clip(unknown[0])}'; this model takes the extra parameters "
-                                 f"{', '.join(EXTRAS)}", param=clip(unknown[0]))
-        parameters.update({_OURS[k]: body[k] for k in extras})
+    if mode != "pass-through":
+        return {}
+    unknown = [k for k in extras if k not in allowed]
+    if unknown:
+        raise InvalidRequest(f"unknown parameter '{clip(unknown[0])}'; this model takes the extra parameters "
+                             f"{', '.join(allowed)}", param=clip(unknown[0]))
+    return {_OURS[k]: body[k] for k in extras}
+
+
+def _parameters(body: dict[str, Any], route: Route, mode: str) -> dict[str, Any]:
+    parameters = extra_parameters(body, OPENAI_FIELDS[route], EXTRAS, mode)
     for name in ("temperature", "top_p", "stop", "seed", "stream", "response_format", "n", "presence_penalty",
                  "frequency_penalty", "logit_bias"):
         if body.get(name) is not None:

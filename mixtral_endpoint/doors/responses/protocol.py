@@ -80,10 +80,7 @@ def parse(body: Any, limits: RequestLimits, *, extra_parameters: str | None = No
     """Validates a Responses body through the core's own rules; errors name the Responses field."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
-    mode = (extra_parameters or "pass-through").strip().lower()
-    if mode not in openai.EXTRA_MODES:
-        raise InvalidRequest(f"the extra-parameters header must be one of {', '.join(openai.EXTRA_MODES)}, got "
-                             f"{clip(extra_parameters or '')!r}", param="extra-parameters")
+    mode = openai.extra_mode(extra_parameters)
     _check_bookkeeping(body)
     paths: list[str] = []  # the Responses field each chat message came from
     try:
@@ -137,17 +134,7 @@ def _check_bookkeeping(body: dict[str, Any]) -> None:
 
 def _parameters(body: dict[str, Any], mode: str) -> dict[str, Any]:
     """The body's sampling fields as the parameters table names them."""
-    extras = [k for k in body if k not in _FIELDS]
-    if extras and mode == "error":
-        raise InvalidRequest(f"unknown parameter '{clip(extras[0])}'; extra parameters ({', '.join(EXTRAS)}) need "
-                             "the header extra-parameters: pass-through", param=clip(extras[0]))
-    parameters: dict[str, Any] = {}
-    if mode == "pass-through":
-        unknown = [k for k in extras if k not in EXTRAS]
-        if unknown:
-            raise InvalidRequest(f"unknown parameter '{clip(unknown[0])}'; this model takes the extra parameters "
-                                 f"{', '.join(EXTRAS)}", param=clip(unknown[0]))
-        parameters.update({_OURS[k]: body[k] for k in extras})
+    parameters = openai.extra_parameters(body, _FIELDS, EXTRAS, mode)
     for name in ("temperature", "top_p", "stream"):
         if body.get(name) is not None:
             parameters[name] = body[name]
