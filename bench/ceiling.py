@@ -1,6 +1,7 @@
 """The door and core's ceiling: how much of a GPU engine's throughput reaches the callers.
 
     .venv/bin/python bench/ceiling.py [--callers 64 256] [--requests 4] [--new-tokens 128] [--operations] [--metrics]
+                                      [--replicas 2]
 
 A real azmlinfsrv, under deployment.yml's own environment (its threads, batch, queue and vLLM
 settings), serves the embedded model on its vLLM engine, with vLLM's LLMEngine replaced by a
@@ -15,6 +16,11 @@ With --operations a second server runs beside the first, the same but with what 
 (bench/operations.py: /metrics scraped every second from a process of its own, model data collection to a local
 sink, every prompt and answer screened by a local text:analyze server); the two are driven in turn and its throughput is
 printed over the plain server's: what operating the endpoint costs at GPU scale.
+
+With --replicas N the server runs N engine replicas, one gunicorn worker each, under the 8-GPU deployment files'
+gunicorn flags (deployments/nd96amsr-a100.yml: connections capped at a replica's threads, ReplicaWorker), each
+replica its own stand-in; the baseline is N stand-ins, each stepping its share of the callers: whether an instance
+of several replicas delivers the sum of theirs.
 
 With --metrics a second server (or a third, beside --operations) runs with the metrics path alone: /metrics
 scraped every second, and the deployment's Application Insights on (`app_insights_enabled`: azmlinfsrv's
@@ -115,10 +121,16 @@ def main() -> None:
     parser.add_argument("--operations", action="store_true", help="also an operated server, driven in turn")
     parser.add_argument("--metrics", action="store_true",
                         help="also a server with the metrics path alone (scraped, and exported to Azure Monitor)")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="engine replicas (gunicorn workers) with the 8-GPU files' gunicorn flags; the baseline is "
+                             "that many stand-ins, each stepping its share of the callers")
     args = parser.parse_args()
     deployment = yaml.safe_load((ROOT / "deployment.yml").read_text())
     env = {k: str(v) for k, v in deployment["environment_variables"].items()}
     env |= {"SIM_STEP_MS": str(STEP_MS), "SIM_ROW_MS": str(ROW_MS)}
+    if args.replicas > 1:
+        eight_gpus = yaml.safe_load((ROOT / "deployments" / "nd96amsr-a100.yml").read_text())["environment_variables"]
+        env |= {"WORKER_COUNT": str(args.replicas), "GUNICORN_CMD_ARGS": eight_gpus["GUNICORN_CMD_ARGS"]}
     results = []
     entry = ROOT / "bench" / "entry" / "simulated_score.py"
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
@@ -138,8 +150,8 @@ def main() -> None:
         for server in servers.values():
             asyncio.run(crowd(server.port, 8, 1, 8, False))  # warm-up
         for k, callers in enumerate(args.callers):
-            rows = min(callers, int(env["MIXTRAL_MAX_BATCH_SIZE"]))
-            alone = engine_alone(rows, args.requests * args.new_tokens)
+            rows = min(-(-callers // args.replicas), int(env["MIXTRAL_MAX_BATCH_SIZE"]))
+            alone = args.replicas * engine_alone(rows, args.requests * args.new_tokens)  # replicas step side by side
             for stream in (False, True):
                 rates = {}
                 order = list(servers.items())
@@ -162,7 +174,7 @@ def main() -> None:
                                       "operated_over_plain": round(rates[name] / rates["plain"], 3)}), flush=True)
         stack.close()  # the servers stopped: their last exports made
         exports = azure_monitor_exports(Path(tmp) / "metrics.log", Path(tmp) / "metrics-tmp") if args.metrics else {}
-    print(json.dumps({"machine": "see README", "step_ms": STEP_MS, "row_ms": ROW_MS,
+    print(json.dumps({"machine": "see README", "step_ms": STEP_MS, "row_ms": ROW_MS, "replicas": args.replicas,
                       "deployment": {k: env[k] for k in ("GUNICORN_CMD_ARGS", "MIXTRAL_MAX_BATCH_SIZE",
                                                          "MIXTRAL_MAX_QUEUE")},
                       **({"azure_monitor": exports} if exports else {}), "results": results}, indent=2))
