@@ -116,7 +116,7 @@ def claim(environ: Mapping[str, str], *, tensor_parallel_size: int, folder: Path
     else:
         groups = [()] * count  # no GPU: each worker holds its own copy on the CPU; the index still labels it
     folder = folder or shared_folder()
-    (folder / "metrics").mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait_s
     while True:
         for index, group in enumerate(groups[:count]):
@@ -128,7 +128,9 @@ def claim(environ: Mapping[str, str], *, tensor_parallel_size: int, folder: Path
                 if exc.errno in (errno.EACCES, errno.EAGAIN):
                     continue  # another worker's
                 raise
-            return Replica(index, count, group, folder, lock)
+            replica = Replica(index, count, group, folder, lock)
+            replica.metrics_folder.mkdir(exist_ok=True)
+            return replica
         if time.monotonic() >= deadline:
             raise ConfigError(f"every one of the {count} replicas' groups is held by another worker ({folder})")
         time.sleep(0.2)
