@@ -130,8 +130,9 @@ def vllm_engine(kind: str, new_tokens: int) -> dict[str, float]:
 
     with tempfile.TemporaryDirectory() as tmp:
         args = vllm_args(kind, Path(tmp))
-        engine = VllmEngine(lambda: _build_llm_engine(args), eos_id=2, context_window=args["max_model_len"],
-                            vocab_size=config(kind)["vocab_size"], max_num_seqs=args["max_num_seqs"])
+        engine = VllmEngine(lambda: _build_llm_engine(args, own_process=True), eos_id=2,
+                            context_window=args["max_model_len"], vocab_size=config(kind)["vocab_size"],
+                            max_num_seqs=args["max_num_seqs"])
     return throughputs(engine, new_tokens)
 
 

@@ -347,7 +347,7 @@ def test_a_vllm_step_that_blocks_is_a_stall():
 
 def test_a_dead_vllm_engine_is_not_handed_to_the_next_load(checkpoint: Checkpoint, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(vllm_engine, "_shared", {})
-    monkeypatch.setattr(vllm_engine, "_build_llm_engine", lambda args: DyingLLM())
+    monkeypatch.setattr(vllm_engine, "_build_llm_engine", lambda args, **_: DyingLLM())
     config = ServerConfig.from_env({**SERVER_ENV, "MIXTRAL_ENGINE": "vllm"})
     first = VllmEngine.load(checkpoint, config)
     row = Row([1, 2, 3], SamplingSettings(max_new_tokens=4))
@@ -364,7 +364,7 @@ def test_loads_sharing_a_vllm_engine_share_one_line_and_each_hears_of_its_death(
     """Two loads in one process (Spark, an MLflow reload) share vLLM's engine: one line admits against its
     cache for both, and each load's on_death runs when it dies."""
     monkeypatch.setattr(vllm_engine, "_shared", {})
-    monkeypatch.setattr(vllm_engine, "_build_llm_engine", lambda args: DyingLLM())
+    monkeypatch.setattr(vllm_engine, "_build_llm_engine", lambda args, **_: DyingLLM())
     config = ServerConfig.from_env({**SERVER_ENV, "MIXTRAL_ENGINE": "vllm"})
     first, second = (Scorer(VllmEngine.load(checkpoint, config), tokenizer, config) for _ in range(2))
     assert first.engine is second.engine and first.line is second.line

@@ -13,7 +13,7 @@ from simulated_vllm import SimulatedLLM  # noqa: E402
 
 from mixtral_endpoint.engines import vllm_engine  # noqa: E402
 
-vllm_engine._build_llm_engine = lambda args: SimulatedLLM(
+vllm_engine._build_llm_engine = lambda args, **_: SimulatedLLM(
     args, step_s=float(os.environ["SIM_STEP_MS"]) / 1000, row_s=float(os.environ["SIM_ROW_MS"]) / 1000)
 
 from score import init, run  # noqa: E402, F401  (azmlinfsrv calls this module's init and run)

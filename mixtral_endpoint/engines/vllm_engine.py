@@ -4,14 +4,18 @@ vLLM gets our token ids (a TokensPrompt), so prompts stay token-exact with mistr
 token ids; it loads the checkpoint's tokenizer (mistral-common's, `tokenizer_mode="mistral"`) only
 because its structured outputs build their vocabulary from it. Each row's own settings become its
 SamplingParams, a constraint as the same xgrammar grammar our engine runs: its EBNF text, which the core
-wrote on the request's thread (grammar.py) and the row carries. One thread owns
-vLLM's `LLMEngine`, in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): it adds newcomers,
-aborts rows that were cancelled or ran out of time, and steps, as our own engine's thread does.
+wrote on the request's thread (grammar.py) and the row carries. One thread owns vLLM's `LLMEngine`: it adds
+newcomers, aborts rows that were cancelled or ran out of time, and steps, as our own engine's thread does.
 
-Why in-process: `AsyncLLM` always starts its engine core in a child process, and there the CPU
-build's start-up scan of every loaded module trips on Flask's context-local proxies ("Working
-outside of application context") under azmlinfsrv. For the same reason the engine is built inside
-a throwaway Flask request context.
+With GPUs (MIXTRAL_ENGINE_PROCESS=auto) vLLM's engine core, its scheduler and the loop that drives the GPUs,
+runs in a process of its own, as `vllm serve` runs it (VLLM_ENABLE_V1_MULTIPROCESSING): the engine thread here
+only hands rows over and takes tokens back, so the request threads' Python, under this process's GIL, never
+delays a GPU step. That process dies with this one, and if it dies first the next step raises: the engine
+dies, and the worker with it. Without GPUs the core runs in this process by default: vLLM's CPU build would
+spawn two processes more. Either way vLLM's CPU build scans every loaded module at start-up, which trips on
+Flask's context-local proxies under azmlinfsrv ("Working outside of application context"): here the engine is
+built inside a throwaway Flask request context, and in vLLM's own processes a plugin pushes one
+(vllm_plugin.py).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from mixtral_endpoint.engines.engine import Capacity, EngineThread, Row
 from mixtral_endpoint.engines.grammar import GRAMMAR_CACHE_BYTES
+from mixtral_endpoint.engines.vllm_plugin import MARK
 from mixtral_endpoint.model.placement import VLLM_MEMORY_SHARE, kv_budget, serving_dtype, size, visible_devices
 from mixtral_endpoint.protocol.config import DEFAULT_BATCH_SIZE, MAX_NUM_SEQS
 from mixtral_endpoint.protocol.errors import ConfigError, DoesNotFit, InternalError
@@ -74,12 +79,26 @@ class VllmEngine(EngineThread):
                      self.capacity.kv_tokens, cache.block_size, max_num_seqs)
 
         super().__init__(load, thread_name="mixtral-vllm")
+        # The client of an engine core in its own process (vLLM 0.32's MPClient); none for one in this process.
+        core = getattr(getattr(self.llm, "engine_core", None), "resources", None)
+        if core is not None:
+            threading.Thread(target=self._watch_core, args=(core,), name="mixtral-vllm-core", daemon=True).start()
+
+    def _watch_core(self, core: Any) -> None:
+        """The engine core's process exiting is the engine's death. vLLM's client marks it dead, but a step
+        already waiting for its outputs waits on for ever (its sync client puts no error in their queue)."""
+        while not self._unwatched.wait(1.0):
+            if core.engine_dead:
+                self._die(InternalError("vLLM's engine core process exited"))
+                return
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, config: ServerConfig) -> VllmEngine:
         args, why = engine_args(checkpoint, config)
+        own = config.engine_process == "true" or (config.engine_process == "auto" and _gpus(config) > 0)
         # The same model: Spark and MLflow copy it to a new folder for each load, so compare what it holds.
-        key = json.dumps({**args, "model": [checkpoint.config, checkpoint.stored_bytes]}, sort_keys=True)
+        key = json.dumps({**args, "model": [checkpoint.config, checkpoint.stored_bytes], "own_process": own},
+                         sort_keys=True)
         with _shared_lock:
             if _shared and _shared["engine"].dead is not None:
                 log.warning("the vLLM engine of this process died; loading a fresh one")
@@ -91,7 +110,8 @@ class VllmEngine(EngineThread):
                 _shared["users"] += 1
                 return _shared["engine"]
             log.info("loading %s with vLLM: %s", checkpoint.path, why)
-            engine = cls(lambda: _build_llm_engine(args), eos_id=int(checkpoint.config["eos_token_id"]),
+            engine = cls(lambda: _build_llm_engine(args, own_process=own),
+                         eos_id=int(checkpoint.config["eos_token_id"]),
                          context_window=args["max_model_len"], vocab_size=int(checkpoint.config["vocab_size"]),
                          max_num_seqs=args["max_num_seqs"])
             _shared.update(key=key, engine=engine, users=1)
@@ -202,7 +222,7 @@ def engine_args(checkpoint: Checkpoint, config: ServerConfig) -> tuple[dict[str,
     """
     import torch
 
-    gpus = torch.cuda.device_count() if config.device_map != "cpu" else 0
+    gpus = _gpus(config)
     share = config.gpu_memory_utilization or VLLM_MEMORY_SHARE
     devices = visible_devices(config, memory_share=share)
     tensor_parallel = config.tensor_parallel_size or max(gpus, 1)
@@ -299,8 +319,15 @@ def _token_logprob(entry: dict[int, Any], token: int, top: int) -> TokenLogprob:
     return TokenLogprob(entry[token].logprob, tuple((token_id, logprob) for _, token_id, logprob in best[:top]))
 
 
-def _build_llm_engine(args: dict[str, Any]) -> Any:
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: see above
+def _gpus(config: ServerConfig) -> int:
+    import torch
+
+    return torch.cuda.device_count() if config.device_map != "cpu" else 0
+
+
+def _build_llm_engine(args: dict[str, Any], *, own_process: bool) -> Any:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if own_process else "0"  # see above
+    os.environ[MARK] = "1"  # our plugin acts in the processes vLLM starts from here
     # vLLM keeps the grammars it compiled by their text, up to 512 MB unless told: the budget ours has.
     os.environ.setdefault("VLLM_XGRAMMAR_CACHE_MB", str(GRAMMAR_CACHE_BYTES // 2**20))
     from vllm import EngineArgs

@@ -22,11 +22,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device_map": ("auto", "cpu"),
     "engine": ("auto", "transformers", "vllm"),
     "kv_cache_dtype": ("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+    "engine_process": ("auto", "true", "false"),
 }
 # The most rows MIXTRAL_MAX_QUEUE may let wait (16 x the largest batch the deployment files run).
 MAX_QUEUE_LIMIT = 4096
 # vLLM's own engine settings: left at their defaults on our engine, or a start-up error names them.
-VLLM_ONLY = ("gpu_memory_utilization", "tensor_parallel_size", "max_num_batched_tokens", "kv_cache_dtype")
+VLLM_ONLY = ("gpu_memory_utilization", "tensor_parallel_size", "max_num_batched_tokens", "kv_cache_dtype",
+             "engine_process")
 # Settings also read under the names Azure's catalog container uses (the MIXTRAL_ name wins when both are set).
 ALIASES = {"content_safety_endpoint": "CONTENT_SAFETY_ENDPOINT", "content_safety_threshold": "CONTENT_SAFETY_THRESHOLD",
            "content_safety_key": "CONTENT_SAFETY_KEY"}
@@ -62,6 +64,9 @@ class ServerConfig:
     enable_prefix_caching: bool = True  # reuse the cache of a prompt prefix seen before (a chat's history)
     max_num_batched_tokens: int = 0  # tokens one step computes (chunked prefill); 0: vLLM's default
     kv_cache_dtype: str = "auto"  # auto: the serving dtype; fp8 halves the cache per token
+    # vLLM's engine core (its scheduler and the GPU's loop) in a process of its own, as `vllm serve` runs it, so
+    # the door's threads never hold it back; auto: with GPUs (on CPU it would spawn two processes more).
+    engine_process: str = "auto"
     # Moderation (serving/safety.py): screening with Azure AI Content Safety, and Mistral's guardrail prompt.
     content_safety_endpoint: str = ""  # empty: no screening; also read from CONTENT_SAFETY_ENDPOINT
     content_safety_threshold: int = 2  # a severity over it flags (levels 0, 2, 4, 6); also CONTENT_SAFETY_THRESHOLD
