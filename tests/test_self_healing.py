@@ -3,7 +3,8 @@ product (tests/entry/poisoned_score.py): every forward pass of the model made to
 for good, while requests are in flight. Every caller gets an answer at once (a stall: once a step has run
 past MIXTRAL_STALL_TIMEOUT_S), `/health` says 503, and the server answers sample-request.json with 200 again
 without anyone restarting it. One server per engine serves both tests: each breaks its worker and leaves it
-healed."""
+healed. With vLLM's engine core in a process of its own (as with GPUs), that process is killed from outside, and
+so is the worker above it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -164,3 +166,59 @@ def test_a_step_that_stalls_past_the_limit_ends_the_worker_and_a_fresh_one_serve
     assert "past its stall limit" in text and "maybe_broken" in text  # the log shows where the thread blocked
     print(f"stall: callers answered in {answered_s:.1f} s (limit {STALL_LIMIT_S:g} s), 200 again {healed_s:.1f} s "
           f"after the stall; meanwhile {seen}")
+
+
+@pytest.fixture(scope="module")
+def engine_process_server(azureml_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    """A server on vLLM with its engine core in a process of its own, as it runs with GPUs."""
+    folder = tmp_path_factory.mktemp("engine-process")
+    env = {**SERVER_ENV, "MIXTRAL_ENGINE": "vllm", "MIXTRAL_ENGINE_PROCESS": "true", "MIXTRAL_MAX_NEW_TOKENS": "400"}
+    with LocalServer(azureml_models, folder / "azmlinfsrv.log", env, threads=8) as server:
+        yield server
+
+
+def engine_processes(server: LocalServer) -> tuple[psutil.Process, list[psutil.Process]]:
+    """The server's worker, and vLLM's processes under it (its engine core, and the executor's worker that vLLM's
+    CPU build adds)."""
+    worker, = psutil.Process(server.process.pid).children()
+    return worker, [p for p in worker.children(recursive=True) if p.name().startswith("VLLM::")]
+
+
+@pytest.mark.e2e
+@pytest.mark.vllm
+def test_an_engine_core_process_that_dies_ends_the_worker_and_a_fresh_one_serves(engine_process_server: LocalServer):
+    """The OOM killer, or a crash of vLLM's own process: before, a step already waiting for its tokens waited
+    until the stall limit (200 s), as vLLM's client puts no error in their queue."""
+    server = engine_process_server
+    wait_until_healed(server.url)
+    log_before = server.log_path.read_text()
+    _, vllm = engine_processes(server)
+    core, = (p for p in vllm if p.name() == "VLLM::EngineCore")
+
+    answers, armed_at = break_under_load(server.url, core.kill)
+    answered_s = time.monotonic() - armed_at
+    assert_every_caller_got_a_500(answers, ["plain0", "plain1", "stream0", "stream1"])
+    assert answered_s < 10, answered_s
+
+    seen = wait_until_healed(server.url)
+    assert_one_worker_replaced(server, log_before)
+    _, fresh = engine_processes(server)
+    assert fresh and not any(p.pid == core.pid for p in fresh)
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in vllm), "vLLM's children lingered"
+    print(f"engine core killed: callers answered in {answered_s:.1f} s, 200 again "
+          f"{time.monotonic() - armed_at:.1f} s after; meanwhile {seen}")
+
+
+@pytest.mark.e2e
+@pytest.mark.vllm
+def test_a_worker_killed_outright_takes_its_engine_core_with_it(engine_process_server: LocalServer):
+    """gunicorn's timeout or the OOM killer sends SIGKILL, which runs none of the worker's clean-up: vLLM's
+    processes must not live on holding the GPUs that the fresh worker claims."""
+    server = engine_process_server
+    wait_until_healed(server.url)
+    worker, vllm = engine_processes(server)
+    assert vllm
+    worker.kill()
+    gone, alive = psutil.wait_procs(vllm, timeout=15)
+    assert not alive, f"vLLM's processes outlived their worker: {alive}"
+    wait_until_healed(server.url)
