@@ -51,7 +51,10 @@ test: lint prometheus
 # Benchmarks (not tests): ratios against baselines measured in the same run; figures go in the README.
 bench: install
 	$(BIN)/python bench/serving.py
-	$(BIN)/python bench/ceiling.py
+	$(BIN)/python bench/ceiling.py --callers 64 256 320
+	$(BIN)/python bench/ceiling.py --callers 64 256 320 --vllm-serve
+	$(BIN)/python bench/ceiling.py --callers 256 --engine-process false
+	$(BIN)/python bench/ceiling.py --callers 256 512 --replicas 2
 	$(BIN)/python bench/batch.py
 	$(BIN)/python bench/engines.py --model tiny
 	$(BIN)/python bench/engines.py --model medium

@@ -3,8 +3,9 @@
     .venv/bin/pip install py-spy   # a bench tool only, not in requirements
     .venv/bin/python bench/profile_stream.py [--callers 256] [--requests 4] [--new-tokens 128] [--rate 100]
 
-The same server as bench/ceiling.py (deployment.yml's environment, a real azmlinfsrv, vLLM's engine with the
-stand-in stepping 20 ms + 0.06 ms per row). Four streamed runs of N callers from one asyncio client:
+The same server as bench/ceiling.py (deployment.yml's environment, a real azmlinfsrv, vLLM's engine over the
+stand-in executor stepping 20 ms + 0.06 ms per row, its engine core in its own process unless --engine-process
+false). Four streamed runs of N callers from one asyncio client:
 
 1. unprofiled: the share of the engine's tokens, and the gunicorn worker's CPU per token (user and system; its
    busiest thread, the engine's, apart), its threads' context switches per token, this client's CPU per token, the
@@ -33,12 +34,11 @@ import time
 from pathlib import Path
 
 import psutil
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ceiling import ROW_MS, STEP_MS, crowd, engine_alone  # noqa: E402
+from ceiling import ROW_MS, STEP_MS, crowd, engine_alone, server_env, vllm_args  # noqa: E402
 
 from mixtral_endpoint.doors.mlflow_model.packager import package_model  # noqa: E402
 from mixtral_endpoint.model.tiny import build_tiny  # noqa: E402
@@ -179,22 +179,22 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rate", type=int, default=100)
+    parser.add_argument("--engine-process", choices=("true", "false"), default="true",
+                        help="vLLM's engine core in its own process (the default with GPUs) or in the worker")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "profile_stream")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    deployment = yaml.safe_load((ROOT / "deployment.yml").read_text())
-    env = {k: str(v) for k, v in deployment["environment_variables"].items()}
-    env |= {"SIM_STEP_MS": str(STEP_MS), "SIM_ROW_MS": str(ROW_MS)}
+    own_process = args.engine_process == "true"
+    env = server_env(args.requests * args.new_tokens, own_process)
     entry = ROOT / "bench" / "entry" / "simulated_score.py"
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = package_model(build_tiny(Path(tmp) / "tiny-mixtral"), Path(tmp) / "model")
+        checkpoint = build_tiny(Path(tmp) / "tiny-mixtral")
+        model_dir = package_model(checkpoint, Path(tmp) / "model")
         with LocalServer(model_dir, Path(tmp) / "server.log", env, entry_script=entry) as server:
-            master = psutil.Process(server.process.pid)
-            worker = next(p for p in master.children(recursive=True)
-                          if "multiprocessing" not in " ".join(p.cmdline()))
+            worker, = psutil.Process(server.process.pid).children()
             asyncio.run(crowd(server.port, 8, 1, 8, True))  # warm-up
-            alone = engine_alone(min(args.callers, int(env["MIXTRAL_MAX_BATCH_SIZE"])),
-                                 args.requests * args.new_tokens)
+            alone = engine_alone(vllm_args(checkpoint, env), min(args.callers, int(env["MIXTRAL_MAX_BATCH_SIZE"])),
+                                 args.requests * args.new_tokens, own_process)
             plain = {"profile": None, **measure(worker, server.port, args, alone)}
             print(json.dumps(plain), flush=True)
             for gil in (True, False):

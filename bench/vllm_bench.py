@@ -37,7 +37,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -60,6 +60,14 @@ FIGURES = ("request_throughput", "output_throughput", "mean_ttft_ms", "median_tt
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 
 
+class Served(NamedTuple):
+    """A `vllm serve` up: where, and its process (the API server, its engine core under it)."""
+
+    url: str
+    port: int
+    process: subprocess.Popen
+
+
 def serve_flags(args: dict[str, Any]) -> list[str]:
     """vLLM's engine arguments as `vllm serve` flags: the model first, then each by its CLI name."""
     flags = [args["model"]]
@@ -77,8 +85,8 @@ def serve_flags(args: dict[str, Any]) -> list[str]:
 
 
 @contextlib.contextmanager
-def vllm_serve(args: dict[str, Any], log: Path, env: dict[str, str]) -> Iterator[str]:
-    """`vllm serve` with our engine's arguments, serving under our model name; yields its URL once healthy."""
+def vllm_serve(args: dict[str, Any], log: Path, env: dict[str, str]) -> Iterator[Served]:
+    """`vllm serve` with our engine's arguments, serving under our model name; yields it once healthy."""
     port = free_port()
     command = [sys.executable, str(VLLM_CLI), "serve", *serve_flags(args), "--served-model-name", MODEL_NAME,
                "--host", "127.0.0.1", "--port", str(port)]
@@ -98,7 +106,7 @@ def vllm_serve(args: dict[str, Any], log: Path, env: dict[str, str]) -> Iterator
                     if response.status == 200:
                         break
                 time.sleep(1)
-            yield url
+            yield Served(url, port, process)
         finally:
             _end_group(process)
 
@@ -167,7 +175,8 @@ def main() -> None:
             "server_vllm": lambda: _local(model_dir, logs["server_vllm"], env, "vllm", run.concurrency),
         }
         for server in run.servers:
-            with servers[server]() as url:
+            with servers[server]() as served:
+                url = served.url
                 for backend in BACKENDS:
                     runs = []
                     for i in range(run.repeat):
@@ -192,10 +201,10 @@ def main() -> None:
 
 
 @contextlib.contextmanager
-def _local(model_dir: Path, log: Path, env: dict[str, str], engine: str, concurrency: int) -> Iterator[str]:
+def _local(model_dir: Path, log: Path, env: dict[str, str], engine: str, concurrency: int) -> Iterator[LocalServer]:
     with LocalServer(model_dir, log, {**env, "MIXTRAL_ENGINE": engine},
                      threads=3 * concurrency) as server:
-        yield server.url
+        yield server
 
 
 if __name__ == "__main__":
