@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HEALED_WITHIN_S = 180
 STALL_LIMIT_S = 5.0  # well past a step of the tiny model, even on a busy machine
 LONG = {"max_new_tokens": 400, "ignore_eos": True}
+LONGER = {"max_new_tokens": 4000, "ignore_eos": True}  # vLLM's engine core is killed from outside: no hook waits
 SAMPLE = json.loads((ROOT / "sample-request.json").read_text())
 
 
@@ -42,8 +43,9 @@ def healing_server(request: pytest.FixtureRequest, azureml_models: Path,
         yield server, hooks
 
 
-def stream_until_done(url: str, answers: dict[str, object], name: str, started: threading.Event) -> None:
-    body = {"input_data": {"input_string": ["Once upon a time"]}, "parameters": {**LONG, "stream": True}}
+def stream_until_done(url: str, answers: dict[str, object], name: str, started: threading.Event,
+                      parameters: dict[str, object]) -> None:
+    body = {"input_data": {"input_string": ["Once upon a time"]}, "parameters": {**parameters, "stream": True}}
     with requests.post(url + "/score", json=body, stream=True, timeout=60) as response:
         events = []
         for line in response.iter_lines(decode_unicode=True):
@@ -53,21 +55,21 @@ def stream_until_done(url: str, answers: dict[str, object], name: str, started: 
         answers[name] = (response.status_code, events)
 
 
-def post(url: str, answers: dict[str, object], name: str) -> None:
-    body = {"input_data": {"input_string": ["The capital of France is"]}, "parameters": LONG}
+def post(url: str, answers: dict[str, object], name: str, parameters: dict[str, object] = LONG) -> None:
+    body = {"input_data": {"input_string": ["The capital of France is"]}, "parameters": parameters}
     response = requests.post(url + "/score", json=body, timeout=60)
     answers[name] = (response.status_code, response.json())
 
 
-def break_under_load(url: str, arm: Callable[[], None], *, late: bool = False
-                     ) -> tuple[dict[str, object], float]:
+def break_under_load(url: str, arm: Callable[[], None], *, late: bool = False,
+                     parameters: dict[str, object] = LONG) -> tuple[dict[str, object], float]:
     """Two streams and two plain requests generating, then `arm()`; with `late`, one more request half a second
     after. Returns each caller's answer, once all were answered, and when it armed (time.monotonic())."""
     answers: dict[str, object] = {}
     started = [threading.Event(), threading.Event()]
-    callers = [threading.Thread(target=stream_until_done, args=(url, answers, f"stream{i}", started[i]))
+    callers = [threading.Thread(target=stream_until_done, args=(url, answers, f"stream{i}", started[i], parameters))
                for i in range(2)]
-    callers += [threading.Thread(target=post, args=(url, answers, f"plain{i}")) for i in range(2)]
+    callers += [threading.Thread(target=post, args=(url, answers, f"plain{i}", parameters)) for i in range(2)]
     for caller in callers:
         caller.start()
     assert all(event.wait(60) for event in started), "the streams never started"
@@ -168,15 +170,6 @@ def test_a_step_that_stalls_past_the_limit_ends_the_worker_and_a_fresh_one_serve
           f"after the stall; meanwhile {seen}")
 
 
-@pytest.fixture(scope="module")
-def engine_process_server(azureml_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    """A server on vLLM with its engine core in a process of its own, as it runs with GPUs."""
-    folder = tmp_path_factory.mktemp("engine-process")
-    env = {**SERVER_ENV, "MIXTRAL_ENGINE": "vllm", "MIXTRAL_ENGINE_PROCESS": "true", "MIXTRAL_MAX_NEW_TOKENS": "400"}
-    with LocalServer(azureml_models, folder / "azmlinfsrv.log", env, threads=8) as server:
-        yield server
-
-
 def engine_processes(server: LocalServer) -> tuple[psutil.Process, list[psutil.Process]]:
     """The server's worker, and vLLM's processes under it (its engine core, and the executor's worker that vLLM's
     CPU build adds)."""
@@ -186,39 +179,35 @@ def engine_processes(server: LocalServer) -> tuple[psutil.Process, list[psutil.P
 
 @pytest.mark.e2e
 @pytest.mark.vllm
-def test_an_engine_core_process_that_dies_ends_the_worker_and_a_fresh_one_serves(engine_process_server: LocalServer):
-    """The OOM killer, or a crash of vLLM's own process: before, a step already waiting for its tokens waited
-    until the stall limit (200 s), as vLLM's client puts no error in their queue."""
-    server = engine_process_server
-    wait_until_healed(server.url)
-    log_before = server.log_path.read_text()
-    _, vllm = engine_processes(server)
-    core, = (p for p in vllm if p.name() == "VLLM::EngineCore")
+def test_vllms_engine_core_process_killed_or_its_worker_killed_the_server_heals(azureml_models: Path,
+                                                                                tmp_path: Path):
+    """vLLM's engine core in a process of its own, as it runs with GPUs, on one server:
 
-    answers, armed_at = break_under_load(server.url, core.kill)
-    answered_s = time.monotonic() - armed_at
-    assert_every_caller_got_a_500(answers, ["plain0", "plain1", "stream0", "stream1"])
-    assert answered_s < 10, answered_s
+    - the core killed (the OOM killer, a crash) under load: every caller answered at once and the worker replaced.
+      Before, a step already waiting for its tokens waited until the stall limit (200 s): vLLM's sync client puts
+      no error in their queue;
+    - then the worker killed outright (gunicorn's timeout and the OOM killer send SIGKILL, which runs none of its
+      clean-up): its vLLM processes go with it, rather than live on holding the GPUs the fresh worker claims."""
+    env = {**SERVER_ENV, "MIXTRAL_ENGINE": "vllm", "MIXTRAL_ENGINE_PROCESS": "true",
+           "MIXTRAL_MAX_NEW_TOKENS": str(LONGER["max_new_tokens"]), "MIXTRAL_MAX_TOTAL_TOKENS": "4096"}
+    with LocalServer(azureml_models, tmp_path / "azmlinfsrv.log", env, threads=8) as server:
+        log_before = server.log_path.read_text()
+        _, vllm = engine_processes(server)
+        core, = (p for p in vllm if p.name() == "VLLM::EngineCore")
+        answers, armed_at = break_under_load(server.url, core.kill, parameters=LONGER)
+        answered_s = time.monotonic() - armed_at
+        assert_every_caller_got_a_500(answers, ["plain0", "plain1", "stream0", "stream1"])
+        assert answered_s < 10, answered_s
+        seen = wait_until_healed(server.url)
+        healed_s = time.monotonic() - armed_at
+        assert_one_worker_replaced(server, log_before)
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in vllm), "vLLM's processes lingered"
 
-    seen = wait_until_healed(server.url)
-    assert_one_worker_replaced(server, log_before)
-    _, fresh = engine_processes(server)
-    assert fresh and not any(p.pid == core.pid for p in fresh)
-    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in vllm), "vLLM's children lingered"
-    print(f"engine core killed: callers answered in {answered_s:.1f} s, 200 again "
-          f"{time.monotonic() - armed_at:.1f} s after; meanwhile {seen}")
-
-
-@pytest.mark.e2e
-@pytest.mark.vllm
-def test_a_worker_killed_outright_takes_its_engine_core_with_it(engine_process_server: LocalServer):
-    """gunicorn's timeout or the OOM killer sends SIGKILL, which runs none of the worker's clean-up: vLLM's
-    processes must not live on holding the GPUs that the fresh worker claims."""
-    server = engine_process_server
-    wait_until_healed(server.url)
-    worker, vllm = engine_processes(server)
-    assert vllm
-    worker.kill()
-    gone, alive = psutil.wait_procs(vllm, timeout=15)
-    assert not alive, f"vLLM's processes outlived their worker: {alive}"
-    wait_until_healed(server.url)
+        worker, vllm = engine_processes(server)
+        assert vllm and core.pid not in {p.pid for p in vllm}
+        worker.kill()
+        _, alive = psutil.wait_procs(vllm, timeout=15)
+        assert not alive, f"vLLM's processes outlived their worker: {alive}"
+        wait_until_healed(server.url)
+    print(f"engine core killed: callers answered in {answered_s:.1f} s, 200 again {healed_s:.1f} s after; "
+          f"meanwhile {seen}")
