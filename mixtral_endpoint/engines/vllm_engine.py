@@ -10,12 +10,16 @@ newcomers, aborts rows that were cancelled or ran out of time, and steps, as our
 With GPUs (MIXTRAL_ENGINE_PROCESS=auto) vLLM's engine core, its scheduler and the loop that drives the GPUs,
 runs in a process of its own, as `vllm serve` runs it (VLLM_ENABLE_V1_MULTIPROCESSING): the engine thread here
 only hands rows over and takes tokens back, so the request threads' Python, under this process's GIL, never
-delays a GPU step. That process dies with this one, and if it dies first the next step raises: the engine
-dies, and the worker with it. Without GPUs the core runs in this process by default: vLLM's CPU build would
+delays a GPU step. That process dies with this one, and if it dies first the engine dies (a thread here
+watches), and the worker with it. Without GPUs the core runs in this process by default: vLLM's CPU build would
 spawn two processes more. Either way vLLM's CPU build scans every loaded module at start-up, which trips on
 Flask's context-local proxies under azmlinfsrv ("Working outside of application context"): here the engine is
 built inside a throwaway Flask request context, and in vLLM's own processes a plugin pushes one
 (vllm_plugin.py).
+
+vLLM finds plugins by their distribution's entry points, and on Azure the package is not installed (it comes
+as the MLflow model's code), so the plugin's entry point ships with the code, as a distribution's metadata
+folder that the engine puts on sys.path, which the processes vLLM spawns inherit.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ import itertools
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mixtral_endpoint.engines.engine import Capacity, EngineThread, Row
@@ -45,6 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PLUGIN_METADATA = Path(__file__).resolve().parent / "vllm_plugin_metadata"  # vllm_plugin.py's entry point
 _FINISH_REASONS = {"stop": "stop", "length": "length"}  # vLLM's; "abort" never reaches a caller
 
 # vLLM keeps its parallel state (world, tensor and pipeline groups) per process: a second engine in
@@ -328,6 +335,8 @@ def _gpus(config: ServerConfig) -> int:
 def _build_llm_engine(args: dict[str, Any], *, own_process: bool) -> Any:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if own_process else "0"  # see above
     os.environ[MARK] = "1"  # our plugin acts in the processes vLLM starts from here
+    if str(PLUGIN_METADATA) not in sys.path:
+        sys.path.append(str(PLUGIN_METADATA))
     # vLLM keeps the grammars it compiled by their text, up to 512 MB unless told: the budget ours has.
     os.environ.setdefault("VLLM_XGRAMMAR_CACHE_MB", str(GRAMMAR_CACHE_BYTES // 2**20))
     from vllm import EngineArgs

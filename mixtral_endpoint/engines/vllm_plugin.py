@@ -1,5 +1,6 @@
-"""A vLLM general plugin (pyproject's `vllm.general_plugins` entry point): vLLM loads it in every process it
-starts. In those that our engine started (vllm_engine.py marks them through the environment) it does two things:
+"""A vLLM general plugin (its `vllm.general_plugins` entry point ships in vllm_plugin_metadata/, which
+vllm_engine.py puts on sys.path): vLLM loads it in every process it starts. In those that our engine started
+(vllm_engine.py marks them through the environment) it does two things:
 
 - It ties the process to its parent: when the parent dies, the kernel kills it (PR_SET_PDEATHSIG). A worker that
   gunicorn or the kernel kills outright (its timeout, the OOM killer) must not leave vLLM's engine core holding
