@@ -73,7 +73,10 @@ def break_under_load(url: str, arm: Callable[[], None], *, late: bool = False,
     for caller in callers:
         caller.start()
     assert all(event.wait(60) for event in started), "the streams never started"
-    time.sleep(0.2)  # the plain requests are generating beside the streams
+    deadline = time.monotonic() + 30
+    while rows_in_the_engine(url) < len(callers):  # the plain requests too (one arriving after the fault gets a 503)
+        assert time.monotonic() < deadline, "the plain requests never reached the engine"
+        time.sleep(0.01)
     arm()
     armed_at = time.monotonic()
     if late:
@@ -83,6 +86,13 @@ def break_under_load(url: str, arm: Callable[[], None], *, late: bool = False,
     for caller in callers:
         caller.join(timeout=60)
     return answers, armed_at
+
+
+def rows_in_the_engine(url: str) -> float:
+    """What the server's /metrics says it is generating (vllm:num_requests_running, read when scraped)."""
+    text = requests.get(url + "/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:num_requests_running{"))
 
 
 def assert_every_caller_got_a_500(answers: dict[str, object], names: list[str]) -> None:
