@@ -59,12 +59,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from operations import operations_env, scrape  # noqa: E402
+from operations import cpu_seconds, operations_env, scrape  # noqa: E402
 from vllm_bench import vllm_serve  # noqa: E402
 
 from mixtral_endpoint.doors.mlflow_model.packager import package_model  # noqa: E402
@@ -162,21 +161,6 @@ def _engine_alone(args: dict[str, Any], rows: int, tokens: int, env: dict[str, s
     rate = made / (time.perf_counter() - start)
     llm.engine_core.shutdown()  # its engine core process ends: this one can
     return rate
-
-
-def cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds so far of a server's processes: the door (gunicorn's, or `vllm serve`'s API server), vLLM's
-    engine processes (its engine core and executor workers, which name themselves VLLM::), and helpers (our
-    screening and collecting processes, multiprocessing's resource tracker)."""
-    spent = {"door": 0.0, "engine": 0.0, "helpers": 0.0}
-    root = psutil.Process(pid)
-    for process in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            times = process.cpu_times()
-            part = ("engine" if process.name().startswith("VLLM::") else
-                    "helpers" if "multiprocessing" in " ".join(process.cmdline()) else "door")
-            spent[part] += times.user + times.system
-    return spent
 
 
 def metrics_env(tmp: Path) -> dict[str, str]:

@@ -128,15 +128,18 @@ def operations_env() -> Iterator[StandIns]:
         stand_ins.close()
 
 
-def cpu_seconds(server: LocalServer) -> dict[str, float]:
-    """CPU seconds so far of the server's processes: its own (gunicorn's), and its helpers (our spawned children)."""
-    spent = {"server": 0.0, "helpers": 0.0}
-    master = psutil.Process(server.process.pid)
-    for process in [master, *master.children(recursive=True)]:
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds so far of a server's processes: the door (gunicorn's, or `vllm serve`'s API server), vLLM's
+    engine processes (its engine core and executor workers, which name themselves VLLM::), and helpers (our
+    screening and collecting processes, multiprocessing's resource tracker)."""
+    spent = {"door": 0.0, "engine": 0.0, "helpers": 0.0}
+    root = psutil.Process(pid)
+    for process in [root, *root.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess):
             times = process.cpu_times()
-            spawned = "multiprocessing" in " ".join(process.cmdline())
-            spent["helpers" if spawned else "server"] += times.user + times.system
+            part = ("engine" if process.name().startswith("VLLM::") else
+                    "helpers" if "multiprocessing" in " ".join(process.cmdline()) else "door")
+            spent[part] += times.user + times.system
     return spent
 
 
@@ -187,20 +190,21 @@ def main() -> None:
             for server in (plain, operated):
                 phase(server.url, args.callers, 1, args.new_tokens)  # warm
             rates: dict[str, list[float]] = {"plain": [], "operated": []}
-            cpu = {name: {"server": 0.0, "helpers": 0.0} for name in rates}
+            cpu = {name: {"door": 0.0, "engine": 0.0, "helpers": 0.0} for name in rates}
             for round_ in range(args.repeat):
                 order = (("plain", plain), ("operated", operated))
                 for name, server in order if round_ % 2 == 0 else order[::-1]:
-                    before = cpu_seconds(server)
+                    before = cpu_seconds(server.process.pid)
                     rates[name].append(phase(server.url, args.callers, args.requests, args.new_tokens))
-                    for part, seconds in cpu_seconds(server).items():
+                    for part, seconds in cpu_seconds(server.process.pid).items():
                         cpu[name][part] += seconds - before[part]
             stop.set()
             collected, screened = stand_ins.settled_counts()
             log = (Path(tmp) / "operated.log").read_text()
     plain_rate, operated_rate = (statistics.median(rates[k]) for k in ("plain", "operated"))
-    per_request = {name: {part: f"{1000 * seconds / (args.repeat * args.callers * args.requests):.2f}"
-                          for part, seconds in spent.items()} for name, spent in cpu.items()}
+    requests_made = args.repeat * args.callers * args.requests
+    per_request = {name: {"server": f"{1000 * (spent['door'] + spent['engine']) / requests_made:.2f}",
+                          "helpers": f"{1000 * spent['helpers'] / requests_made:.2f}"} for name, spent in cpu.items()}
     print(f"model={args.model} callers={args.callers} new_tokens={args.new_tokens} "
           f"requests/caller={args.requests} rounds={args.repeat}")
     print(f"plain    {plain_rate:8.1f} tok/s")
